@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from .models import Conversation, Message, Run, RunEvent, Step, Workflow
+
+
+class MessageInline(admin.TabularInline):
+    model = Message
+    fields = ["role", "content", "run", "created_at"]
+    readonly_fields = ["created_at"]
+    raw_id_fields = ["run"]
+    extra = 0
+
+
+@admin.register(Conversation)
+class ConversationAdmin(admin.ModelAdmin):
+    list_display = ["id", "title", "owner", "created_at", "updated_at"]
+    search_fields = ["=id", "title", "owner__username"]
+    raw_id_fields = ["owner"]
+    inlines = [MessageInline]
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):
+    list_display = ["name", "owner", "updated_at"]
+    search_fields = ["name", "description"]
+    raw_id_fields = ["owner"]
+
+
+class StepInline(admin.TabularInline):
+    model = Step
+    fields = ("key", "skill", "status", "attempts", "duration_ms", "error", "output")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
+        return False
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "workflow", "status", "created_at", "duration_ms", "error"]
+    list_filter = ["status", "workflow", "steps__skill"]
+    search_fields = ["=id", "=conversation__id", "owner__username", "error"]
+    raw_id_fields = ["owner", "conversation", "workflow"]
+    readonly_fields = ["created_at", "started_at", "finished_at", "duration_ms"]
+    date_hierarchy = "created_at"
+    inlines = [StepInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
+        return super().get_queryset(request).select_related("owner", "workflow")
+
+
+@admin.register(Step)
+class StepAdmin(admin.ModelAdmin):
+    list_display = ["id", "run", "key", "skill", "status", "attempts", "duration_ms", "started_at"]
+    list_filter = ["status", "skill", "optional"]
+    search_fields = ["=id", "=run__id", "key", "=task_id"]
+    raw_id_fields = ["run"]
+    readonly_fields = ["duration_ms"]
+
+
+@admin.register(RunEvent)
+class RunEventAdmin(admin.ModelAdmin):
+    list_display = ["id", "run", "type", "step", "created_at"]
+    list_filter = ["type"]
+    search_fields = ["=run__id"]
+    raw_id_fields = ["run", "step"]

@@ -1,0 +1,146 @@
+"""Serializers: validation lives here, views stay thin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from orchestration.models import Conversation, Message, Run, Step, Workflow
+from orchestration.spec import SpecError, plan
+
+
+def validate_spec(spec: Any) -> Any:
+    try:
+        plan(spec)
+    except SpecError as exc:
+        raise serializers.ValidationError(str(exc)) from exc
+    return spec
+
+
+class SpecField(serializers.JSONField):
+    default_validators = [validate_spec]
+
+
+class SkillSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    queue = serializers.CharField()
+    soft_time_limit = serializers.FloatField()
+    time_limit = serializers.FloatField()
+    max_soft_time_limit = serializers.FloatField()
+    max_time_limit = serializers.FloatField()
+    retries = serializers.IntegerField()
+    backoff = serializers.FloatField()
+    backoff_max = serializers.FloatField()
+    optional = serializers.BooleanField()
+
+
+class WorkflowSerializer(serializers.ModelSerializer):
+    spec = SpecField()
+    shared = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Workflow
+        fields = ["name", "description", "spec", "shared", "created_at", "updated_at"]
+        read_only_fields = ["created_at", "updated_at"]
+
+    def get_shared(self, workflow: Workflow) -> bool:
+        return workflow.owner_id is None
+
+
+class ConversationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Conversation
+        fields = ["id", "title", "state", "created_at", "updated_at"]
+        read_only_fields = ["id", "state", "created_at", "updated_at"]
+
+
+class StepSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Step
+        fields = [
+            "id",
+            "key",
+            "path",
+            "skill",
+            "args",
+            "status",
+            "optional",
+            "output",
+            "error",
+            "attempts",
+            "retries",
+            "queue",
+            "soft_time_limit",
+            "time_limit",
+            "ttl",
+            "task_id",
+            "started_at",
+            "finished_at",
+            "duration_ms",
+        ]
+
+
+class RunSerializer(serializers.ModelSerializer):
+    workflow: serializers.SlugRelatedField[Workflow] = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "conversation",
+            "workflow",
+            "status",
+            "input",
+            "output",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "duration_ms",
+        ]
+
+
+class RunDetailSerializer(RunSerializer):
+    steps = StepSerializer(many=True, read_only=True)
+
+    class Meta(RunSerializer.Meta):
+        fields = [*RunSerializer.Meta.fields, "spec", "steps"]
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Message
+        fields = ["id", "role", "content", "run", "created_at"]
+
+
+class WorkflowChoiceMixin(serializers.Serializer):
+    """``workflow`` (a name) or ``spec``: at most one; neither means the default."""
+
+    workflow = serializers.SlugField(required=False)
+    spec = SpecField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "workflow" in attrs and "spec" in attrs:
+            raise serializers.ValidationError({"spec": "give either workflow or spec, not both"})
+        name = attrs.pop("workflow", None)
+        if name is not None:
+            workflow = self.context["workflows"].filter(name=name).first()
+            if workflow is None:
+                raise serializers.ValidationError({"workflow": f'unknown workflow "{name}"'})
+            attrs["workflow_obj"] = workflow
+        return attrs
+
+
+class PostMessageSerializer(WorkflowChoiceMixin):
+    content = serializers.CharField(max_length=100_000)
+
+
+class StartRunSerializer(WorkflowChoiceMixin):
+    input = serializers.JSONField(required=False, default=None)
+
+
+class MessageAcceptedSerializer(serializers.Serializer):
+    message = MessageSerializer()
+    run = RunSerializer()

@@ -1,0 +1,81 @@
+"""The canvas builder: a validated spec tree in, a Celery signature out.
+
+Pure: no database, no broker, no registry. Each step becomes a signature of
+the one step task, carrying its own time limits, queue TTL (``expires``),
+queue, task id and retry policy; composites map onto Celery's chain, group
+and chord, so Celery passes the data: a chain hands each output to the next
+node, a group's output is the list of its members' outputs, a chord's body
+receives the list of its header outputs. The run's input is given to
+``apply_async(args=(input,))`` and so reaches the first step(s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery import chain, chord, group
+from celery.canvas import Signature
+
+from .spec import ROOT, children, node_kind
+
+STEP_TASK = "agentsite.run_step"
+FINISH_TASK = "agentsite.finish_run"
+COLLECT_TASK = "agentsite.collect"
+CONTROL_QUEUE = "default"
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What one step's signature needs, keyed by the step's spec path."""
+
+    step_id: int
+    task_id: str
+    queue: str
+    soft_time_limit: float
+    time_limit: float
+    ttl: float | None
+    retries: int
+    backoff: float
+    backoff_max: float
+
+
+def build(spec: dict[str, Any], steps: Mapping[str, StepOptions], run_id: int) -> Signature:
+    """The run's whole canvas: the spec, then the task that finishes the run."""
+    finish = Signature(FINISH_TASK, kwargs={"run_id": run_id}, options={"queue": CONTROL_QUEUE})
+    return chain(build_node(spec, ROOT, steps), finish)
+
+
+def build_node(node: dict[str, Any], path: str, steps: Mapping[str, StepOptions]) -> Signature:
+    kind = node_kind(node, path)
+    if kind == "step":
+        return step_signature(steps[path])
+    members = [build_node(child, child_path, steps) for child_path, child in children(node, path)]
+    if kind == "chain":
+        return chain(*members)
+    if kind == "group":
+        return _group(members)
+    *header, body = members
+    return chord(header, body)
+
+
+def step_signature(options: StepOptions) -> Signature:
+    retry = {"max": options.retries, "backoff": options.backoff, "backoff_max": options.backoff_max}
+    call_options: dict[str, Any] = {
+        "task_id": options.task_id,
+        "queue": options.queue,
+        "soft_time_limit": options.soft_time_limit,
+        "time_limit": options.time_limit,
+    }
+    if options.ttl is not None:
+        call_options["expires"] = options.ttl
+    return Signature(STEP_TASK, kwargs={"step_id": options.step_id, "retry": retry}, options=call_options)
+
+
+def _group(members: list[Signature]) -> Signature:
+    if len(members) == 1:
+        # Celery unrolls a one-task group into the task itself, which would
+        # pass on the bare output; a chord keeps the output a list.
+        return chord(members, Signature(COLLECT_TASK, options={"queue": CONTROL_QUEUE}))
+    return group(members)

@@ -1,0 +1,182 @@
+"""Conversations, workflows, runs and their steps: the source of truth.
+
+Celery carries work and intermediate values; these rows say what happened.
+Status changes go through ``orchestration.state`` so each one writes a
+RunEvent in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="conversations")
+    title = models.CharField(max_length=200, blank=True)
+    state = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+
+class Workflow(models.Model):
+    """A named, validated spec. Without an owner it is shared by everyone."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    spec = models.JSONField()
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, null=True, blank=True, related_name="workflows")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+class Run(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="runs")
+    conversation = models.ForeignKey(Conversation, models.CASCADE, null=True, blank=True, related_name="runs")
+    workflow = models.ForeignKey(Workflow, models.SET_NULL, null=True, blank=True, related_name="runs")
+    spec = models.JSONField()
+    input = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # GET /api/runs/?status=...: a user's runs by status, newest first.
+            models.Index(fields=["owner", "status", "-id"], name="run_owner_status_idx"),
+            # Admin and staff list filtered by status.
+            models.Index(fields=["status", "-id"], name="run_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status not in ACTIVE_RUN_STATUSES
+
+    @property
+    def duration_ms(self) -> int | None:
+        return _duration_ms(self.started_at, self.finished_at)
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    COMPENSATED = "compensated"
+
+
+class Step(models.Model):
+    """One skill invocation of a run, at one place (``path``) of its spec."""
+
+    run = models.ForeignKey(Run, models.CASCADE, related_name="steps")
+    key = models.CharField(max_length=200, help_text="The spec's step id, or its path when it has none.")
+    path = models.CharField(max_length=500)
+    skill = models.CharField(max_length=100)
+    args = models.JSONField(default=dict, blank=True)
+    optional = models.BooleanField(default=False)
+    soft_time_limit = models.FloatField()
+    time_limit = models.FloatField()
+    ttl = models.FloatField(null=True, blank=True)
+    retries = models.PositiveIntegerField(default=0)
+    queue = models.CharField(max_length=100)
+    task_id = models.UUIDField(default=uuid.uuid4, unique=True, help_text="The Celery task id of this step.")
+    status = models.CharField(max_length=16, choices=StepStatus.choices, default=StepStatus.PENDING)
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["run", "key"], name="step_unique_key_per_run")]
+        indexes = [
+            # Admin filter by skill and status.
+            models.Index(fields=["skill", "status"], name="step_skill_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.skill}, {self.status})"
+
+    @property
+    def duration_ms(self) -> int | None:
+        return _duration_ms(self.started_at, self.finished_at)
+
+
+class RunEvent(models.Model):
+    """An append-only record of one state change; ids grow monotonically."""
+
+    run = models.ForeignKey(Run, models.CASCADE, related_name="events")
+    step = models.ForeignKey(Step, models.CASCADE, null=True, blank=True, related_name="events")
+    type = models.CharField(max_length=50)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.type} (run {self.run_id})"
+
+
+class MessageRole(models.TextChoices):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+class Message(models.Model):
+    conversation = models.ForeignKey(Conversation, models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=MessageRole.choices)
+    content = models.TextField()
+    run = models.ForeignKey(Run, models.SET_NULL, null=True, blank=True, related_name="messages")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:40]}"
+
+
+def _duration_ms(start: Any, end: Any) -> int | None:
+    if start is None or end is None:
+        return None
+    return int((end - start).total_seconds() * 1000)

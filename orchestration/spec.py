@@ -1,0 +1,213 @@
+"""The workflow spec: validation and planning.
+
+A spec is a tree (see docs/spec.md)::
+
+    node  := step | {"chain": [node, ...]} | {"group": [node, ...]}
+           | {"chord": {"header": [node, ...], "body": node}}
+    step  := {"skill": name, "args": {...}, "soft_time_limit": s,
+              "time_limit": s, "ttl": s, "retries": n, "optional": bool,
+              "id": "step-id"}
+
+``plan(spec)`` checks the whole tree and returns one ``PlannedStep`` per step,
+with the skill's defaults filled in, in spec order. Every error names its
+place: ``spec.chain[1].chord.header[0].skill: unknown skill "serch"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from skills.registry import Skill, registry
+
+ROOT = "spec"
+COMPOSITES = ("chain", "group", "chord")
+STEP_KEYS = frozenset({"skill", "args", "soft_time_limit", "time_limit", "ttl", "retries", "optional", "id"})
+MAX_RETRIES = 10
+STEP_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+class SpecError(ValueError):
+    """The spec is invalid at ``path``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    path: str
+    key: str
+    skill: str
+    args: dict[str, Any]
+    soft_time_limit: float
+    time_limit: float
+    ttl: float | None
+    retries: int
+    backoff: float
+    backoff_max: float
+    optional: bool
+    queue: str
+
+
+def plan(spec: Any) -> list[PlannedStep]:
+    """Validate ``spec`` and return its steps in order; raise SpecError."""
+    steps: list[PlannedStep] = []
+    _walk(spec, ROOT, 1, steps)
+    seen: set[str] = set()
+    for step in steps:
+        if step.key in seen:
+            raise SpecError(f"{step.path}.id", f'duplicate step id "{step.key}"')
+        seen.add(step.key)
+    return steps
+
+
+def node_kind(node: Any, path: str) -> str:
+    """Which kind of node this is: "step" or one of COMPOSITES."""
+    if not isinstance(node, dict):
+        raise SpecError(path, f"expected an object, got {_json_type(node)}")
+    if "skill" in node:
+        return "step"
+    kinds = [k for k in COMPOSITES if k in node]
+    if len(kinds) != 1 or len(node) != 1:
+        raise SpecError(path, 'expected a step ("skill") or exactly one of "chain", "group", "chord"')
+    return kinds[0]
+
+
+def _walk(node: Any, path: str, depth: int, steps: list[PlannedStep]) -> None:
+    if depth > settings.SPEC_MAX_DEPTH:
+        raise SpecError(path, f"nested deeper than {settings.SPEC_MAX_DEPTH} levels")
+    kind = node_kind(node, path)
+    if kind == "step":
+        steps.append(_plan_step(node, path))
+        if len(steps) > settings.SPEC_MAX_STEPS:
+            raise SpecError(path, f"more than {settings.SPEC_MAX_STEPS} steps")
+        return
+    for child_path, child in children(node, path):
+        _walk(child, child_path, depth + 1, steps)
+
+
+def children(node: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """The (path, node) pairs directly under a composite node, in order."""
+    if "chord" in node:
+        chord = node["chord"]
+        where = f"{path}.chord"
+        if not isinstance(chord, dict) or set(chord) != {"header", "body"}:
+            raise SpecError(where, 'expected an object with "header" and "body"')
+        header = _members(chord["header"], f"{where}.header")
+        return [*header, (f"{where}.body", chord["body"])]
+    kind = "chain" if "chain" in node else "group"
+    return _members(node[kind], f"{path}.{kind}")
+
+
+def _members(items: Any, path: str) -> list[tuple[str, Any]]:
+    if not isinstance(items, list):
+        raise SpecError(path, f"expected a list of nodes, got {_json_type(items)}")
+    if not items:
+        raise SpecError(path, "must not be empty")
+    return [(f"{path}[{i}]", item) for i, item in enumerate(items)]
+
+
+def _plan_step(node: dict[str, Any], path: str) -> PlannedStep:
+    unknown = sorted(set(node) - STEP_KEYS)
+    if unknown:
+        raise SpecError(f"{path}.{unknown[0]}", "unknown step field")
+    skill = _skill(node["skill"], f"{path}.skill")
+    args = node.get("args", {})
+    if not isinstance(args, dict):
+        raise SpecError(f"{path}.args", f"must be a JSON object, got {_json_type(args)}")
+    soft = _seconds(node, "soft_time_limit", path, skill.soft_time_limit)
+    hard = _seconds(node, "time_limit", path, skill.time_limit)
+    _check_limits(skill, soft, hard, path)
+    return PlannedStep(
+        path=path,
+        key=_step_key(node, path),
+        skill=skill.name,
+        args=args,
+        soft_time_limit=soft,
+        time_limit=hard,
+        ttl=_seconds(node, "ttl", path, None),
+        retries=_retries(node, path, skill.retries),
+        backoff=skill.backoff,
+        backoff_max=skill.backoff_max,
+        optional=_optional(node, path, skill.optional),
+        queue=skill.queue,
+    )
+
+
+def _skill(name: Any, path: str) -> Skill:
+    if not isinstance(name, str):
+        raise SpecError(path, f"expected a skill name, got {_json_type(name)}")
+    skill = registry.get(name)
+    if skill is None:
+        known = [s.name for s in registry]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise SpecError(path, f'unknown skill "{name}"{hint}')
+    return skill
+
+
+def _check_limits(skill: Skill, soft: float, hard: float, path: str) -> None:
+    if soft >= hard:
+        raise SpecError(f"{path}.soft_time_limit", f"must be less than time_limit ({soft:g} >= {hard:g})")
+    if soft > skill.max_soft_time_limit:
+        raise SpecError(
+            f"{path}.soft_time_limit",
+            f"{soft:g}s exceeds the maximum of skill {skill.name} ({skill.max_soft_time_limit:g}s)",
+        )
+    if hard > skill.max_time_limit:
+        raise SpecError(
+            f"{path}.time_limit", f"{hard:g}s exceeds the maximum of skill {skill.name} ({skill.max_time_limit:g}s)"
+        )
+
+
+def _seconds(node: dict[str, Any], field: str, path: str, default: float | None) -> Any:
+    value = node.get(field, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise SpecError(f"{path}.{field}", f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _retries(node: dict[str, Any], path: str, default: int) -> int:
+    value = node.get("retries", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise SpecError(f"{path}.retries", f"must be an integer from 0 to {MAX_RETRIES}, got {value!r}")
+    return value
+
+
+def _optional(node: dict[str, Any], path: str, default: bool) -> bool:
+    value = node.get("optional", default)
+    if not isinstance(value, bool):
+        raise SpecError(f"{path}.optional", f"must be true or false, got {value!r}")
+    return value
+
+
+def _step_key(node: dict[str, Any], path: str) -> str:
+    if "id" not in node:
+        return path
+    value = node["id"]
+    if not isinstance(value, str) or not STEP_ID.match(value):
+        raise SpecError(f"{path}.id", "must be 1-100 characters of letters, digits, and _ . : -")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"

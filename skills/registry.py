@@ -1,0 +1,132 @@
+"""The skill registry.
+
+A skill is a plain function ``(ctx, input) -> output`` registered with
+``@skill(...)``. The declaration carries everything the orchestrator needs to
+schedule it: default and maximum time limits, retries and backoff, the queue
+its steps go to, and whether a failure may degrade instead of failing the run.
+Inputs and outputs cross the broker as JSON, so both must be JSON values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+
+class SkillError(Exception):
+    """A skill failed in an expected way; the message is shown to users."""
+
+
+@dataclass(frozen=True)
+class SkillContext:
+    """What a skill knows about the step it runs in."""
+
+    run_id: int
+    step_id: int
+    step_key: str
+    conversation_id: int | None
+    state: dict[str, Any]
+    args: dict[str, Any]
+    attempt: int
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries and redeliveries: use it for external calls."""
+        return f"{self.run_id}:{self.step_key}"
+
+
+SkillFunc = Callable[[SkillContext, Any], Any]
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    func: SkillFunc = field(repr=False)
+    description: str
+    soft_time_limit: float
+    time_limit: float
+    max_soft_time_limit: float
+    max_time_limit: float
+    retries: int
+    backoff: float
+    backoff_max: float
+    queue: str
+    optional: bool
+
+    def check(self) -> None:
+        """Refuse a declaration whose limits contradict each other."""
+        if not 0 < self.soft_time_limit < self.time_limit:
+            raise ImproperlyConfigured(f"skill {self.name}: need 0 < soft_time_limit < time_limit")
+        if self.soft_time_limit > self.max_soft_time_limit or self.time_limit > self.max_time_limit:
+            raise ImproperlyConfigured(f"skill {self.name}: default limits exceed its maxima")
+        if self.max_time_limit > settings.STEP_MAX_TIME_LIMIT:
+            raise ImproperlyConfigured(
+                f"skill {self.name}: max_time_limit exceeds STEP_MAX_TIME_LIMIT={settings.STEP_MAX_TIME_LIMIT}"
+            )
+        if self.retries < 0 or self.backoff < 0:
+            raise ImproperlyConfigured(f"skill {self.name}: retries and backoff must not be negative")
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._skills: dict[str, Skill] = {}
+
+    def register(self, skill: Skill) -> None:
+        if skill.name in self._skills:
+            raise ImproperlyConfigured(f"skill {skill.name} is registered twice")
+        skill.check()
+        self._skills[skill.name] = skill
+
+    def get(self, name: str) -> Skill | None:
+        return self._skills.get(name)
+
+    def __iter__(self) -> Iterator[Skill]:
+        return iter(sorted(self._skills.values(), key=lambda s: s.name))
+
+    def queues(self) -> list[str]:
+        return sorted({s.queue for s in self._skills.values()})
+
+
+registry = Registry()
+
+
+def skill(
+    name: str | None = None,
+    *,
+    description: str = "",
+    soft_time_limit: float = 30,
+    time_limit: float = 40,
+    max_soft_time_limit: float | None = None,
+    max_time_limit: float | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    backoff_max: float = 60,
+    queue: str = "default",
+    optional: bool = False,
+) -> Callable[[SkillFunc], SkillFunc]:
+    """Register a function as a skill. Maxima default to the defaults."""
+
+    def register(func: SkillFunc) -> SkillFunc:
+        registry.register(
+            Skill(
+                name=name or func.__name__,
+                func=func,
+                description=description or (func.__doc__ or "").strip(),
+                soft_time_limit=soft_time_limit,
+                time_limit=time_limit,
+                max_soft_time_limit=max_soft_time_limit or soft_time_limit,
+                max_time_limit=max_time_limit or time_limit,
+                retries=retries,
+                backoff=backoff,
+                backoff_max=min(backoff_max, settings.STEP_MAX_BACKOFF),
+                queue=queue,
+                optional=optional,
+            )
+        )
+        return func
+
+    return register

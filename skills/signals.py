@@ -1,0 +1,24 @@
+"""Worker signals for step failures that the step task itself cannot see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import task_revoked
+
+from orchestration import state
+from orchestration.models import Step
+
+
+@task_revoked.connect
+def fail_expired_step(sender: Any = None, request: Any = None, expired: bool = False, **kwargs: Any) -> None:
+    """A step that waited in the queue past its TTL fails its run."""
+    if not expired or getattr(sender, "name", None) != "agentsite.run_step":
+        return
+    step_id = (request.kwargs or {}).get("step_id")
+    if step_id is None:
+        return
+    row = Step.objects.filter(pk=step_id).values_list("run_id", "ttl").first()
+    if row is not None:
+        run_id, ttl = row
+        state.fail_step(step_id, run_id, f"expired: waited in the queue longer than its ttl ({ttl:g}s)")

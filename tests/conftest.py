@@ -1,0 +1,130 @@
+"""Fixtures: API clients, and a real Celery worker in its own process.
+
+The worker is a prefork ``celery worker`` subprocess (soft and hard time
+limits need prefork), started once per session against the test database and
+the project's own Redis database (REDIS_URL, set in pyproject.toml). Tests
+that use it run with a transactional database, so the worker sees committed
+rows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+from rest_framework.test import APIClient
+
+from agentsite.celery import app
+from orchestration.models import Run
+
+from .factories import UserFactory, token_for
+
+WORKER_CONCURRENCY = 4
+WORKER_LOG = Path(settings.BASE_DIR) / "var" / "test-worker.log"
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    concurrency: int
+    process: subprocess.Popen[bytes]
+
+
+def database_url(db: dict[str, Any]) -> str:
+    """A DATABASE_URL for the database the tests are using."""
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = quote(db["USER"] or "", safe="")
+    if db.get("PASSWORD"):
+        auth += ":" + quote(db["PASSWORD"], safe="")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def _wait_until_ready(worker: Worker, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"the test worker exited; see {WORKER_LOG}")
+        if app.control.ping(destination=[worker.name], timeout=0.5):
+            return
+    raise RuntimeError(f"the test worker did not answer within {timeout}s; see {WORKER_LOG}")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1"}
+    name = f"test-{os.getpid()}@localhost"
+    command = [sys.executable, "-m", "celery", "-A", "agentsite", "worker", "--pool=prefork"]
+    command += [f"--concurrency={WORKER_CONCURRENCY}", "--loglevel=INFO", "-n", name]
+    command += ["--without-gossip", "--without-mingle"]
+    WORKER_LOG.parent.mkdir(exist_ok=True)
+    with WORKER_LOG.open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR)
+    worker = Worker(name=name, concurrency=WORKER_CONCURRENCY, process=process)
+    try:
+        _wait_until_ready(worker)
+        yield worker
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def worker(celery_worker_process: Worker, transactional_db: None) -> Worker:
+    """A real worker, and a database whose committed rows it can see."""
+    return celery_worker_process
+
+
+def wait_for_run(run: Run, timeout: float = 30) -> Run:
+    """Poll the database until the run is terminal; fail the test otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run.refresh_from_db()
+        if run.is_terminal:
+            return run
+        time.sleep(0.05)
+    pytest.fail(f"run {run.pk} still {run.status} after {timeout}s; see {WORKER_LOG}")
+
+
+@pytest.fixture
+def user() -> Any:
+    return UserFactory()
+
+
+@pytest.fixture
+def other_user() -> Any:
+    return UserFactory()
+
+
+@pytest.fixture
+def staff_user() -> Any:
+    return UserFactory(is_staff=True)
+
+
+@pytest.fixture
+def api(user: Any) -> APIClient:
+    """An API client authenticated with ``user``'s token."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(user)}")
+    return client
+
+
+@pytest.fixture
+def anon() -> APIClient:
+    return APIClient()
