@@ -89,7 +89,8 @@ if DB["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     # Tests need a file (not :memory:) so the worker process sees the data.
-    DB["TEST"] = {"NAME": str(VAR_DIR / "test-agentsite.sqlite3")}
+    db_file = Path(DB["NAME"])
+    DB["TEST"] = {"NAME": str(db_file.with_name(f"test-{db_file.name}"))}
 else:
     # Keep connections open across requests and tasks: opening one per task
     # cut a 3-step chain from 142/s to 27/s on PostgreSQL. Celery's Django

@@ -31,7 +31,7 @@ from orchestration.models import Run
 from .factories import UserFactory, token_for
 
 WORKER_CONCURRENCY = 4
-WORKER_LOG = Path(settings.BASE_DIR) / "var" / "test-worker.log"
+WORKER_LOG = Path(settings.BASE_DIR) / "var" / f"test-worker-{os.getpid()}.log"
 
 
 @dataclass(frozen=True)
