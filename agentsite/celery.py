@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
@@ -25,3 +25,12 @@ def consume_skill_queues(sender: str, instance: Any, **kwargs: Any) -> None:
         return  # the operator chose the queues with -Q
     for name in registry.queues():
         queues.select_add(name)
+
+
+@task_prerun.connect
+@task_postrun.connect
+def close_old_db_connections(**kwargs: Any) -> None:
+    """Drop connections that are broken or older than CONN_MAX_AGE, like a request does."""
+    from django.db import close_old_connections
+
+    close_old_connections()

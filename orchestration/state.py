@@ -80,6 +80,11 @@ def skip_step(step_id: int, run_id: int, error: str) -> None:
     _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error)
 
 
+def cancel_step(step_id: int, run_id: int, reason: str) -> None:
+    """A step that was waiting (queued or between attempts) when its run ended."""
+    _finish_step(step_id, run_id, StepStatus.CANCELLED, error=reason)
+
+
 def retry_step(step_id: int, run_id: int, error: str, countdown: float) -> None:
     Step.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(error=error)
     record(run_id, "step.retrying", step_id, error=error, countdown=round(countdown, 3))

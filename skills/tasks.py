@@ -63,10 +63,16 @@ def run_step(self: Task, upstream: Any, *, step_id: int, retry: dict[str, float]
 
 
 def _unclaimed(step: Step) -> Any:
-    """A redelivered step that already finished returns its stored output."""
+    """A redelivered step that already finished returns its stored output.
+
+    Any other unclaimable step belongs to a run that has ended: it is
+    cancelled (if it was still waiting for an attempt) and its branch stops.
+    """
     if step.status in state.FINISHED_STEP_STATUSES:
         return step.output
-    raise StepHalted(f"step {step.key} is {step.status}; run {step.run.status}")
+    reason = f"not run: the run {step.run.status}"
+    state.cancel_step(step.pk, step.run_id, reason)
+    raise StepHalted(reason)
 
 
 def _handle_failure(task: Task, step: Step, exc: Exception, retry: dict[str, float]) -> Any:
