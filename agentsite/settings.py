@@ -155,6 +155,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "orchestration.models.RunStatus",
+        "StepStatusEnum": "orchestration.models.StepStatus",
+        "MessageRoleEnum": "orchestration.models.MessageRole",
+    },
 }
 
 # --- Orchestration --------------------------------------------------------------

@@ -15,6 +15,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
@@ -53,6 +54,16 @@ def visible_workflows(request: Request) -> QuerySet[Workflow]:
     return workflows.filter(Q(owner=_user(request)) | Q(owner__isnull=True))
 
 
+class OwnedMixin(GenericAPIView[Any]):
+    """Filters the view's queryset to the request user's objects (staff: all)."""
+
+    def get_queryset(self) -> QuerySet[Any]:
+        queryset = super().get_queryset()
+        if getattr(self, "swagger_fake_view", False):  # schema generation
+            return queryset.none()
+        return queryset if _is_staff(self.request) else queryset.filter(owner=_user(self.request))
+
+
 class SkillViewSet(viewsets.ViewSet):
     """The registered skills, with their queues, limits and retry policy."""
 
@@ -64,11 +75,14 @@ class SkillViewSet(viewsets.ViewSet):
 class WorkflowViewSet(viewsets.ModelViewSet):
     """Named, validated specs. Shared workflows (no owner) are staff-managed."""
 
+    queryset = Workflow.objects.all()
     serializer_class = WorkflowSerializer
     lookup_field = "name"
     filterset_fields: list[str] = []
 
     def get_queryset(self) -> QuerySet[Workflow]:
+        if getattr(self, "swagger_fake_view", False):  # schema generation
+            return self.queryset.none()
         return visible_workflows(self.request)
 
     def perform_create(self, serializer: BaseSerializer[Workflow]) -> None:
@@ -88,15 +102,12 @@ class WorkflowViewSet(viewsets.ModelViewSet):
 
 
 class ConversationViewSet(
-    mixins.ListModelMixin, mixins.CreateModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+    OwnedMixin, mixins.ListModelMixin, mixins.CreateModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
     """Conversations: their messages, and the runs that answer them."""
 
+    queryset = Conversation.objects.all()
     serializer_class = ConversationSerializer
-
-    def get_queryset(self) -> QuerySet[Conversation]:
-        conversations = Conversation.objects.all()
-        return conversations if _is_staff(self.request) else conversations.filter(owner=_user(self.request))
 
     def perform_create(self, serializer: BaseSerializer[Conversation]) -> None:
         serializer.save(owner=self.request.user)
@@ -151,18 +162,15 @@ class ConversationViewSet(
         return data
 
 
-class RunViewSet(viewsets.ReadOnlyModelViewSet):
+class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
     """Runs with their status, output, error, timings and (in detail) steps."""
 
+    queryset = Run.objects.select_related("workflow")
     filterset_fields = ["status", "conversation", "workflow__name"]
 
     def get_queryset(self) -> QuerySet[Run]:
-        runs = Run.objects.select_related("workflow")
-        if not _is_staff(self.request):
-            runs = runs.filter(owner=_user(self.request))
-        if self.action == "retrieve":
-            runs = runs.prefetch_related("steps")
-        return runs
+        runs = super().get_queryset()
+        return runs.prefetch_related("steps") if self.action == "retrieve" else runs
 
     def get_serializer_class(self) -> type[BaseSerializer[Run]]:
         return RunDetailSerializer if self.action == "retrieve" else RunSerializer
