@@ -63,13 +63,15 @@ def default_workflow() -> Workflow | None:
 
 
 def enqueue(run_id: int, spec: Any, input: Any, steps: dict[str, canvas.StepOptions]) -> None:
-    signature = canvas.build(spec, steps, run_id)
+    """Publish the run's canvas; a run that cannot be published is failed."""
     try:
-        signature.apply_async(args=(input,))
-    except OperationalError as exc:
+        canvas.build(spec, steps, run_id).apply_async(args=(input,))
+    except Exception as exc:
         log.exception("could not enqueue run %s", run_id)
-        state.fail_run(run_id, f"could not enqueue: broker unavailable ({exc})")
-        raise EnqueueError("the task broker is unavailable; the run was not started") from exc
+        state.fail_run(run_id, f"could not enqueue: {exc}")
+        if isinstance(exc, OperationalError):
+            raise EnqueueError("the task broker is unavailable; the run was not started") from exc
+        raise
 
 
 def _step_row(run: Run, p: PlannedStep) -> Step:

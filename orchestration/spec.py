@@ -16,6 +16,7 @@ place: ``spec.chain[1].chord.header[0].skill: unknown skill "serch"``.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ ROOT = "spec"
 COMPOSITES = ("chain", "group", "chord")
 STEP_KEYS = frozenset({"skill", "args", "soft_time_limit", "time_limit", "ttl", "retries", "optional", "id"})
 MAX_RETRIES = 10
+# Longest ttl (and any duration) a spec may give: a week. Time limits have
+# their own, lower, per-skill maxima.
+MAX_SECONDS = 7 * 24 * 3600
 STEP_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
@@ -171,22 +175,22 @@ def _seconds(node: dict[str, Any], field: str, path: str, default: float | None)
     value = node.get(field, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise SpecError(f"{path}.{field}", f"must be a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
+        raise SpecError(f"{path}.{field}", f"must be a number of seconds from 0 to {MAX_SECONDS}, got {_json(value)}")
     return float(value)
 
 
 def _retries(node: dict[str, Any], path: str, default: int) -> int:
     value = node.get("retries", default)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
-        raise SpecError(f"{path}.retries", f"must be an integer from 0 to {MAX_RETRIES}, got {value!r}")
+        raise SpecError(f"{path}.retries", f"must be an integer from 0 to {MAX_RETRIES}, got {_json(value)}")
     return value
 
 
 def _optional(node: dict[str, Any], path: str, default: bool) -> bool:
     value = node.get("optional", default)
     if not isinstance(value, bool):
-        raise SpecError(f"{path}.optional", f"must be true or false, got {value!r}")
+        raise SpecError(f"{path}.optional", f"must be true or false, got {_json(value)}")
     return value
 
 
@@ -197,6 +201,10 @@ def _step_key(node: dict[str, Any], path: str) -> str:
     if not isinstance(value, str) or not STEP_ID.match(value):
         raise SpecError(f"{path}.id", "must be 1-100 characters of letters, digits, and _ . : -")
     return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)[:100]
 
 
 def _json_type(value: Any) -> str:

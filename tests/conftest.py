@@ -102,6 +102,12 @@ def wait_for_run(run: Run, timeout: float = 30) -> Run:
     pytest.fail(f"run {run.pk} still {run.status} after {timeout}s; see {WORKER_LOG}")
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hasher(settings: Any) -> None:
+    """The default hasher costs ~0.3 s per user; tests don't need its strength."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def user() -> Any:
     return UserFactory()

@@ -7,17 +7,16 @@ from rest_framework.authtoken.models import Token
 from orchestration.models import Conversation, Workflow
 
 
-class UserFactory(factory.django.DjangoModelFactory):
+class UserFactory(factory.django.DjangoModelFactory[User]):
     class Meta:
         model = User
-        skip_postgeneration_save = True
 
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
-    password = factory.PostGenerationMethodCall("set_password", "password")
+    password = factory.django.Password("password")
 
 
-class ConversationFactory(factory.django.DjangoModelFactory):
+class ConversationFactory(factory.django.DjangoModelFactory[Conversation]):
     class Meta:
         model = Conversation
 
@@ -25,7 +24,7 @@ class ConversationFactory(factory.django.DjangoModelFactory):
     title = factory.Sequence(lambda n: f"conversation {n}")
 
 
-class WorkflowFactory(factory.django.DjangoModelFactory):
+class WorkflowFactory(factory.django.DjangoModelFactory[Workflow]):
     class Meta:
         model = Workflow
 

@@ -10,7 +10,22 @@ from orchestration.models import Conversation, Message, Run, Step, Workflow
 from orchestration.spec import SpecError, plan
 
 
+def reject_nul(value: Any, path: str = "") -> None:
+    """PostgreSQL cannot store U+0000 in text or jsonb: refuse it up front."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise serializers.ValidationError(f"{path or 'value'}: strings must not contain the NUL character")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reject_nul(key, path)
+            reject_nul(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            reject_nul(item, f"{path}[{index}]")
+
+
 def validate_spec(spec: Any) -> Any:
+    reject_nul(spec, "spec")
     try:
         plan(spec)
     except SpecError as exc:
@@ -20,6 +35,15 @@ def validate_spec(spec: Any) -> Any:
 
 class SpecField(serializers.JSONField):
     default_validators = [validate_spec]
+
+
+def validate_input(value: Any) -> Any:
+    reject_nul(value, "input")
+    return value
+
+
+class InputField(serializers.JSONField):
+    default_validators = [validate_input]
 
 
 class SkillSerializer(serializers.Serializer):
@@ -138,7 +162,7 @@ class PostMessageSerializer(WorkflowChoiceMixin):
 
 
 class StartRunSerializer(WorkflowChoiceMixin):
-    input = serializers.JSONField(required=False, default=None)
+    input = InputField(required=False, default=None, allow_null=True)
 
 
 class MessageAcceptedSerializer(serializers.Serializer):

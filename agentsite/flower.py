@@ -1,0 +1,52 @@
+"""Start Flower safely: ``python -m agentsite.flower`` (the Procfile's flower line).
+
+Flower shows every task's arguments and results and can revoke tasks, so it
+refuses to start without ``FLOWER_BASIC_AUTH`` (``user:password``, several
+separated by commas) unless ``DEBUG`` is on, and it listens on loopback
+unless ``FLOWER_ADDRESS`` says otherwise. The credentials reach Flower
+through its own ``FLOWER_BASIC_AUTH`` environment variable, not the command
+line, so they never show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import environ
+
+env = environ.Env()
+
+
+def credentials_error(value: str) -> str | None:
+    """Why a FLOWER_BASIC_AUTH value is unusable, or None when it is fine."""
+    for entry in value.split(","):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            return "FLOWER_BASIC_AUTH must be user:password (several separated by commas)"
+    return None
+
+
+def command(address: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "agentsite", "flower", f"--address={address}", f"--port={port}"]
+
+
+def main() -> None:
+    auth = os.environ.pop("FLOWER_BASIC_AUTH", "").strip()
+    if auth:
+        if error := credentials_error(auth):
+            sys.exit(f"flower: {error}")
+        os.environ["FLOWER_BASIC_AUTH"] = auth
+    elif env.bool("DEBUG", default=False):
+        print("flower: no FLOWER_BASIC_AUTH; running without authentication because DEBUG is on", file=sys.stderr)
+    else:
+        sys.exit(
+            "flower: refusing to start without FLOWER_BASIC_AUTH: Flower shows every task's arguments "
+            "and results and can revoke tasks. Set FLOWER_BASIC_AUTH=user:password (or DEBUG=1 locally)."
+        )
+    argv = command(env.str("FLOWER_ADDRESS", default="127.0.0.1"), env.int("FLOWER_PORT", default=5555))
+    os.execv(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()
