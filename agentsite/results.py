@@ -12,14 +12,18 @@ nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import states
 from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
 from celery.result import GroupResult
 from django.db import router, transaction
 from django_celery_results.backends.database import DatabaseBackend, trigger_callback
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
+
+log = logging.getLogger(__name__)
 
 
 class ChordSafeDatabaseBackend(DatabaseBackend):
@@ -32,10 +36,22 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
             if counter is None:
                 return  # the body was already fired, or this is not our chord
             header = counter.group_result(app=self.app)
-            if not _all_ready(header):
+            header_states = _states(_leaf_ids(header))
+            if not all(s in states.READY_STATES for s in header_states.values()):
                 return
             counter.delete()
-        trigger_callback(app=self.app, callback=maybe_signature(request.chord, app=self.app), group_result=header)
+        callback = maybe_signature(request.chord, app=self.app)
+        failed = [task_id for task_id, s in header_states.items() if s != states.SUCCESS]
+        if failed:
+            # Expected: the failing step already failed its run. Record the
+            # body as failed without the traceback trigger_callback would log.
+            log.info("chord %s not run: header task %s did not succeed", group_id, failed[0])
+            try:
+                raise ChordError(f"header task {failed[0]} did not succeed")
+            except ChordError as exc:  # chord_error_from_stack reads the current stack
+                self.chord_error_from_stack(callback, exc)
+            return
+        trigger_callback(app=self.app, callback=callback, group_result=header)
 
 
 def _leaf_ids(result: Any) -> list[str]:
@@ -44,8 +60,7 @@ def _leaf_ids(result: Any) -> list[str]:
     return [result.id]
 
 
-def _all_ready(header: GroupResult) -> bool:
-    """One query: have all header tasks stored a final state?"""
-    ids = _leaf_ids(header)
-    ready = TaskResult.objects.filter(task_id__in=ids, status__in=states.READY_STATES).count()
-    return ready == len(ids)
+def _states(task_ids: list[str]) -> dict[str, str]:
+    """One query: each header task's stored state (PENDING when none yet)."""
+    stored = dict(TaskResult.objects.filter(task_id__in=task_ids).values_list("task_id", "status"))
+    return {task_id: stored.get(task_id, states.PENDING) for task_id in task_ids}

@@ -55,9 +55,9 @@ def build_node(node: dict[str, Any], path: str, steps: Mapping[str, StepOptions]
     if kind == "chain":
         return chain(*members)
     if kind == "group":
-        return _group(members)
+        return _group([_keep_list(m) for m in members])
     *header, body = members
-    return chord(header, body)
+    return chord([_keep_list(m) for m in header], body)
 
 
 def step_signature(options: StepOptions) -> Signature:
@@ -77,5 +77,18 @@ def _group(members: list[Signature]) -> Signature:
     if len(members) == 1:
         # Celery unrolls a one-task group into the task itself, which would
         # pass on the bare output; a chord keeps the output a list.
-        return chord(members, Signature(COLLECT_TASK, options={"queue": CONTROL_QUEUE}))
+        return _collected(members)
     return group(members)
+
+
+def _keep_list(member: Signature) -> Signature:
+    """A group directly inside a group or chord header, as one member.
+
+    Celery merges such a group into its parent (reversing its members), so
+    its output would not stay one list; a chord with a collect body does.
+    """
+    return _collected(member.tasks) if isinstance(member, group) else member
+
+
+def _collected(members: Any) -> Signature:
+    return chord(list(members), Signature(COLLECT_TASK, options={"queue": CONTROL_QUEUE}))

@@ -172,8 +172,10 @@ def _check_limits(skill: Skill, soft: float, hard: float, path: str) -> None:
 
 
 def _seconds(node: dict[str, Any], field: str, path: str, default: float | None) -> Any:
-    value = node.get(field, default)
-    if value is None:
+    if field not in node:
+        return default
+    value = node[field]
+    if value is None and default is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
         raise SpecError(f"{path}.{field}", f"must be a number of seconds from 0 to {MAX_SECONDS}, got {_json(value)}")

@@ -31,7 +31,8 @@ from orchestration.models import Run
 from .factories import UserFactory, token_for
 
 WORKER_CONCURRENCY = 4
-WORKER_LOG = Path(settings.BASE_DIR) / "var" / f"test-worker-{os.getpid()}.log"
+# One log per test database, overwritten by each session that uses it.
+WORKER_LOG = Path(settings.BASE_DIR) / "var" / f"test-worker-{Path(str(connection.settings_dict['NAME'])).stem}.log"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,289 @@
+"""Chord fan-in counts each header task once, even when a task reports twice.
+
+django-celery-results decrements a counter per report, so a header task that
+reports twice (a redelivery, or a step replaying its stored output) makes the
+counter reach zero before the other header tasks finished, and the body never
+runs (django-celery-results #177). ``ChordSafeDatabaseBackend`` fires the body
+when every header result is ready, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from celery import states
+from celery.app.task import Context
+from celery.canvas import Signature
+from celery.result import AsyncResult, GroupResult
+from django.db import connection
+from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
+
+from agentsite.celery import app
+from agentsite.results import ChordSafeDatabaseBackend
+from orchestration import canvas
+from orchestration.models import Run, Step
+from orchestration.services import start_run
+from skills.registry import registry
+
+from .conftest import WORKER_LOG, wait_for_run
+
+BODY = Signature("agentsite.collect", options={"task_id": "the-body"})
+
+
+class Chord:
+    """A chord header of ``size`` tasks registered with the real backend, as Celery does on apply."""
+
+    def __init__(self, size: int) -> None:
+        self.group_id = str(uuid.uuid4())
+        self.task_ids = [str(uuid.uuid4()) for _ in range(size)]
+        header: list[Any] = [AsyncResult(task_id, app=app) for task_id in self.task_ids]
+        app.backend.apply_chord((self.group_id, header), BODY)
+
+    def request(self, task_id: str) -> Context:
+        return Context(id=task_id, group=self.group_id, chord=dict(BODY), task="agentsite.run_step")
+
+    def finish(self, n: int, state: str = states.SUCCESS) -> None:
+        """Header task ``n`` stores its result and reports to the chord."""
+        task_id = self.task_ids[n]
+        if state == states.SUCCESS:
+            app.backend.mark_as_done(task_id, f"out-{n}", request=self.request(task_id))
+        else:
+            app.backend.mark_as_failure(task_id, RuntimeError("boom"), request=self.request(task_id))
+
+
+@pytest.fixture
+def fired(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The calls that would enqueue a chord body."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("agentsite.results.trigger_callback", lambda **kw: calls.append(kw))
+    return calls
+
+
+def test_the_app_uses_the_chord_safe_backend():
+    assert isinstance(app.backend, ChordSafeDatabaseBackend)
+
+
+@pytest.mark.django_db
+def test_a_header_task_reporting_twice_does_not_fire_the_body_early(fired):
+    chord = Chord(3)
+
+    chord.finish(0)
+    chord.finish(0)
+    chord.finish(0)
+    chord.finish(1)
+
+    assert fired == []
+    assert ChordCounter.objects.filter(group_id=chord.group_id).exists()
+
+
+@pytest.mark.django_db
+def test_the_body_fires_once_when_every_header_task_is_done(fired):
+    chord = Chord(3)
+    chord.finish(0)
+    chord.finish(0)
+    chord.finish(1)
+
+    chord.finish(2)
+
+    assert len(fired) == 1
+    assert fired[0]["callback"]["options"]["task_id"] == "the-body"
+    assert isinstance(fired[0]["group_result"], GroupResult)
+    assert fired[0]["group_result"].id == chord.group_id
+    assert [r.id for r in fired[0]["group_result"].results or []] == chord.task_ids
+    assert not ChordCounter.objects.filter(group_id=chord.group_id).exists()
+
+
+@pytest.mark.django_db
+def test_a_late_repeated_report_does_not_fire_the_body_again(fired):
+    chord = Chord(2)
+    chord.finish(0)
+    chord.finish(1)
+
+    chord.finish(1)
+    chord.finish(0)
+
+    assert len(fired) == 1
+
+
+@pytest.mark.django_db
+def test_a_failed_header_task_counts_as_done_and_fails_the_body_unrun(fired):
+    chord = Chord(2)
+    chord.finish(0, states.FAILURE)
+    assert ChordCounter.objects.filter(group_id=chord.group_id).exists()
+
+    chord.finish(1)
+
+    assert fired == []
+    assert not ChordCounter.objects.filter(group_id=chord.group_id).exists()
+    assert TaskResult.objects.get(task_id="the-body").status == states.FAILURE
+
+
+@pytest.mark.django_db
+def test_a_retrying_header_task_is_not_done(fired):
+    chord = Chord(2)
+    chord.finish(0)
+    app.backend.mark_as_retry(chord.task_ids[1], RuntimeError("again"), request=chord.request(chord.task_ids[1]))
+    app.backend.on_chord_part_return(chord.request(chord.task_ids[0]), states.SUCCESS, "out-0")
+
+    assert fired == []
+
+
+@pytest.mark.django_db
+def test_a_report_for_an_unknown_group_or_a_task_outside_a_group_is_ignored(fired):
+    app.backend.on_chord_part_return(Context(id="x", group="no-such-group", chord=dict(BODY)), states.SUCCESS, 1)
+    app.backend.on_chord_part_return(Context(id="x", group=None, chord=dict(BODY)), states.SUCCESS, 1)
+
+    assert fired == []
+
+
+@pytest.mark.django_db
+def test_the_body_of_a_header_with_nested_groups_waits_for_every_leaf(fired):
+    group_id, inner_id = str(uuid.uuid4()), str(uuid.uuid4())
+    leaves = [str(uuid.uuid4()) for _ in range(3)]
+    inner = GroupResult(inner_id, [AsyncResult(t, app=app) for t in leaves[1:]], app=app)
+    app.backend.apply_chord((group_id, [AsyncResult(leaves[0], app=app), inner]), BODY)
+
+    def finish(task_id: str) -> None:
+        app.backend.mark_as_done(task_id, task_id, request=Context(id=task_id, group=group_id, chord=dict(BODY)))
+
+    finish(leaves[0])
+    finish(leaves[1])
+    assert fired == []
+    finish(leaves[2])
+
+    assert len(fired) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_header_tasks_reporting_at_the_same_time_fire_the_body_exactly_once(fired):
+    chord = Chord(8)
+    for n, task_id in enumerate(chord.task_ids):
+        app.backend.store_result(task_id, n, states.SUCCESS)
+    start = threading.Barrier(len(chord.task_ids) * 2)
+    errors: list[BaseException] = []
+
+    def report(task_id: str) -> None:
+        try:
+            start.wait()
+            app.backend.on_chord_part_return(chord.request(task_id), states.SUCCESS, None)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=report, args=(t,)) for t in chord.task_ids * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert len(fired) == 1
+
+
+# --- End to end, with the real worker -----------------------------------------
+
+
+def step_options(run: Run) -> dict[str, canvas.StepOptions]:
+    """The options ``services.start_run`` gave each step of ``run``."""
+    options = {}
+    for step in run.steps.all():
+        skill = registry.get(step.skill)
+        assert skill is not None
+        options[step.path] = canvas.StepOptions(
+            step_id=step.pk,
+            task_id=str(step.task_id),
+            queue=step.queue,
+            soft_time_limit=step.soft_time_limit,
+            time_limit=step.time_limit,
+            ttl=step.ttl,
+            retries=step.retries,
+            backoff=skill.backoff,
+            backoff_max=skill.backoff_max,
+        )
+    return options
+
+
+def wait_for(condition: Any, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s; see {WORKER_LOG}")
+        time.sleep(0.05)
+    return value
+
+
+def redeliver(step: Step, upstream: Any, **options: Any) -> Any:
+    """Publish the step's message again (same task id) and return what the task returned this time."""
+    before = TaskResult.objects.get(task_id=str(step.task_id)).date_done
+    signature = canvas.step_signature(step_options(step.run)[step.path])
+    signature.apply_async(args=(upstream,), **options)
+    result = wait_for(
+        lambda: TaskResult.objects.filter(
+            task_id=str(step.task_id), date_done__gt=before, status__in=states.READY_STATES
+        ).first()
+    )
+    assert result.status == states.SUCCESS, result.traceback
+    return json.loads(result.result)
+
+
+def test_a_redelivered_step_that_succeeded_returns_its_stored_output_without_running_again(worker, user):
+    run = wait_for_run(
+        start_run(owner=user, spec={"chain": [{"skill": "echo", "id": "a"}, {"skill": "echo"}]}, input=1)
+    )
+    step = run.steps.get(key="a")
+    events = run.events.count()
+
+    assert redeliver(step, upstream="something else") == 1
+
+    step.refresh_from_db()
+    assert (step.status, step.output, step.attempts) == ("succeeded", 1, 1)
+    assert run.events.count() == events
+
+
+def test_a_redelivered_header_step_does_not_fire_the_chord_body_early(worker, user):
+    spec = {
+        "chord": {
+            "header": [
+                {"skill": "echo", "id": "fast", "args": {"value": "f"}},
+                {"skill": "sleep", "id": "slow", "args": {"seconds": 1.5}},
+            ],
+            "body": {"skill": "echo", "id": "body"},
+        }
+    }
+    run = start_run(owner=user, spec=spec, input="in")
+    fast = wait_for(lambda: run.steps.filter(key="fast", status="succeeded").first())
+    counter = ChordCounter.objects.get(sub_tasks__contains=str(fast.task_id))
+    # The message Celery sent for the header step: its chord's group and body.
+    built: Any = canvas.build(spec, step_options(run), run.pk)
+    [header_chord] = built.tasks
+
+    assert redeliver(fast, "in", group_id=counter.group_id, chord=header_chord.body) == "f"
+
+    assert run.steps.get(key="slow").status == "running"
+    assert run.steps.get(key="body").status == "pending"
+    assert ChordCounter.objects.filter(group_id=counter.group_id).exists()
+    run = wait_for_run(run)
+    assert run.status == "succeeded"
+    assert run.output == ["f", "in"]
+    assert {s.key: s.attempts for s in run.steps.all()} == {"fast": 1, "slow": 1, "body": 1}
+    assert run.steps.get(key="body").output == ["f", "in"]
+
+
+def test_a_chord_run_fans_in_once(worker, user):
+    spec = {"chord": {"header": [{"skill": "echo", "args": {"value": n}} for n in range(6)], "body": {"skill": "echo"}}}
+
+    run = wait_for_run(start_run(owner=user, spec=spec))
+
+    assert run.status == "succeeded"
+    assert run.output == list(range(6))
+    body = run.steps.get(path="spec.chord.body")
+    assert body.attempts == 1
+    assert list(run.events.filter(step=body).values_list("type", flat=True)) == ["step.running", "step.succeeded"]
+    first = run.steps.get(path="spec.chord.header[0]")
+    assert not ChordCounter.objects.filter(sub_tasks__contains=str(first.task_id)).exists()
