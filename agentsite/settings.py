@@ -239,5 +239,7 @@ if SENTRY_DSN:
         environment=env.str("SENTRY_ENVIRONMENT", default="production"),
     )
 
-# Pages log in through the admin's login form.
-LOGIN_URL = "admin:login"
+# Pages log in with Django's own login form (templates/registration/).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/"

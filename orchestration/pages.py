@@ -16,7 +16,7 @@ def _own(request: HttpRequest, queryset: QuerySet) -> QuerySet:
 
 @login_required
 def conversation_list(request: HttpRequest) -> HttpResponse:
-    conversations = _own(request, Conversation.objects.all())[:100]
+    conversations = _own(request, Conversation.objects.select_related("owner"))[:100]
     return render(request, "orchestration/conversation_list.html", {"conversations": conversations})
 
 
@@ -25,7 +25,7 @@ def conversation_detail(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = get_object_or_404(_own(request, Conversation.objects.all()), pk=pk)
     context = {
         "conversation": conversation,
-        "messages": conversation.messages.all(),
+        "conversation_messages": conversation.messages.all(),
         "runs": conversation.runs.select_related("workflow")[:50],
     }
     return render(request, "orchestration/conversation_detail.html", context)

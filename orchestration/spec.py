@@ -178,7 +178,7 @@ def _seconds(node: dict[str, Any], field: str, path: str, default: float | None)
     if value is None and default is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SECONDS:
-        raise SpecError(f"{path}.{field}", f"must be a number of seconds from 0 to {MAX_SECONDS}, got {_json(value)}")
+        raise SpecError(f"{path}.{field}", f"must be seconds, 0 < s <= {MAX_SECONDS}, got {_json(value)}")
     return float(value)
 
 

@@ -4,6 +4,7 @@ from django.urls import path
 
 from . import pages
 
+app_name = "pages"
 urlpatterns = [
     path("", pages.conversation_list, name="conversation-list"),
     path("conversations/<int:pk>/", pages.conversation_detail, name="conversation-detail"),

@@ -11,14 +11,22 @@ from orchestration.models import Step
 
 
 @task_revoked.connect
-def fail_expired_step(sender: Any = None, request: Any = None, expired: bool = False, **kwargs: Any) -> None:
-    """A step that waited in the queue past its TTL fails its run."""
-    if not expired or getattr(sender, "name", None) != "agentsite.run_step":
+def fail_revoked_step(sender: Any = None, request: Any = None, expired: bool = False, **kwargs: Any) -> None:
+    """A step that expired in the queue (its ttl) or was revoked fails its run.
+
+    A step already final (e.g. cancelled with its run) is left as it is.
+    """
+    if getattr(sender, "name", None) != "agentsite.run_step":
         return
     step_id = (request.kwargs or {}).get("step_id")
     if step_id is None:
         return
     row = Step.objects.filter(pk=step_id).values_list("run_id", "ttl").first()
-    if row is not None:
-        run_id, ttl = row
-        state.fail_step(step_id, run_id, f"expired: waited in the queue longer than its ttl ({ttl:g}s)")
+    if row is None:
+        return
+    run_id, ttl = row
+    if expired:
+        error = f"expired: waited in the queue longer than its ttl ({ttl:g}s)"
+    else:
+        error = "revoked" + (" and terminated" if kwargs.get("terminated") else "") + " outside agentsite"
+    state.fail_step(step_id, run_id, error)

@@ -127,13 +127,13 @@ def spec_error(response: Any) -> str:
         pytest.param(
             {"skill": "echo", "time_limit": "10"},
             "spec.time_limit",
-            "must be a number of seconds from 0 to 604800",
+            "must be seconds, 0 < s <= 604800",
             id="hard-a-string",
         ),
         pytest.param(
             {"skill": "echo", "soft_time_limit": 0},
             "spec.soft_time_limit",
-            "must be a number of seconds from 0 to 604800",
+            "must be seconds, 0 < s <= 604800",
             id="soft-zero",
         ),
         pytest.param({"skill": "echo", "args": [1]}, "spec.args", "must be a JSON object, got a list", id="args-list"),
@@ -158,16 +158,28 @@ def spec_error(response: Any) -> str:
         ),
         pytest.param({"skill": "echo", "retries": 1.5}, "spec.retries", "must be an integer", id="retries-float"),
         pytest.param(
-            {"skill": "echo", "ttl": "5"}, "spec.ttl", "must be a number of seconds from 0 to 604800", id="ttl-str"
+            {"skill": "echo", "ttl": "5"},
+            "spec.ttl",
+            "must be seconds, 0 < s <= 604800",
+            id="ttl-str",
         ),
         pytest.param(
-            {"skill": "echo", "ttl": 0}, "spec.ttl", "must be a number of seconds from 0 to 604800", id="ttl-zero"
+            {"skill": "echo", "ttl": 0},
+            "spec.ttl",
+            "must be seconds, 0 < s <= 604800",
+            id="ttl-zero",
         ),
         pytest.param(
-            {"skill": "echo", "ttl": -5}, "spec.ttl", "must be a number of seconds from 0 to 604800", id="ttl-neg"
+            {"skill": "echo", "ttl": -5},
+            "spec.ttl",
+            "must be seconds, 0 < s <= 604800",
+            id="ttl-neg",
         ),
         pytest.param(
-            {"skill": "echo", "ttl": True}, "spec.ttl", "must be a number of seconds from 0 to 604800", id="ttl-bool"
+            {"skill": "echo", "ttl": True},
+            "spec.ttl",
+            "must be seconds, 0 < s <= 604800",
+            id="ttl-bool",
         ),
         pytest.param({"skill": "echo", "optional": "yes"}, "spec.optional", "must be true or false", id="optional-str"),
         pytest.param({"skill": "echo", "optional": 1}, "spec.optional", "must be true or false", id="optional-int"),

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from agentsite.celery import app
 from orchestration.models import Run, RunEvent, Step
 from orchestration.services import start_run
 
@@ -337,6 +338,20 @@ def test_a_step_that_waits_in_the_queue_past_its_ttl_expires_and_fails_the_run(w
     assert r.error.startswith("step late failed: expired")
     assert_never_ran(steps(r)["after"])
     assert wait_for_run(blockers).status == "succeeded"
+
+
+def test_a_step_revoked_and_terminated_from_outside_fails_the_run(worker, user):
+    started = start_run(owner=user, spec={"chain": [sleep(10, "long"), {"skill": "echo", "id": "after"}]})
+    long = started.steps.get(key="long")
+    wait_until(lambda: Step.objects.get(pk=long.pk).status == "running")
+
+    app.control.revoke(str(long.task_id), terminate=True)  # what Flower's "terminate" does
+
+    r = wait_for_run(started, timeout=10)
+    assert r.status == "failed"
+    assert steps(r)["long"].status == "failed"
+    assert steps(r)["long"].error == "revoked and terminated outside agentsite"
+    assert_never_ran(steps(r)["after"])
 
 
 # --- Bookkeeping ------------------------------------------------------------

@@ -223,7 +223,7 @@ def test_the_maximum_is_the_skills_own():
     [(0, "0"), (-1, "-1"), ("5", '"5"'), ([], "[]"), (True, "true"), (False, "false"), (MAX_SECONDS + 1, "604801")],
 )
 def test_it_rejects_seconds_that_are_not_a_positive_number_up_to_a_week(field, value, shown):
-    expected = f"spec.{field}: must be a number of seconds from 0 to {MAX_SECONDS}, got {shown}"
+    expected = f"spec.{field}: must be seconds, 0 < s <= {MAX_SECONDS}, got {shown}"
 
     assert error_of({"skill": "echo", field: value}) == expected
 
@@ -235,7 +235,7 @@ def test_a_ttl_may_be_up_to_a_week():
 
 @pytest.mark.parametrize("field", ["soft_time_limit", "time_limit"])
 def test_it_rejects_a_null_time_limit(field):
-    expected = f"spec.{field}: must be a number of seconds from 0 to {MAX_SECONDS}, got null"
+    expected = f"spec.{field}: must be seconds, 0 < s <= {MAX_SECONDS}, got null"
 
     assert error_of({"skill": "echo", field: None}) == expected
 
