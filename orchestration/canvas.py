@@ -18,7 +18,7 @@ from typing import Any
 from celery import chain, chord, group
 from celery.canvas import Signature
 
-from .spec import ROOT, children, node_kind
+from .spec import ROOT, PlannedStep, children, node_kind
 
 STEP_TASK = "agentsite.run_step"
 FINISH_TASK = "agentsite.finish_run"
@@ -39,6 +39,20 @@ class StepOptions:
     retries: int
     backoff: float
     backoff_max: float
+
+    @classmethod
+    def for_step(cls, planned: PlannedStep, step_id: int, task_id: str) -> StepOptions:
+        return cls(
+            step_id=step_id,
+            task_id=task_id,
+            queue=planned.queue,
+            soft_time_limit=planned.soft_time_limit,
+            time_limit=planned.time_limit,
+            ttl=planned.ttl,
+            retries=planned.retries,
+            backoff=planned.backoff,
+            backoff_max=planned.backoff_max,
+        )
 
 
 def build(spec: dict[str, Any], steps: Mapping[str, StepOptions], run_id: int) -> Signature:

@@ -38,7 +38,9 @@ def start_run(
         run = Run.objects.create(owner=owner, conversation=conversation, workflow=workflow, spec=spec, input=input)
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))
-        options = {p.path: _step_options(p, s) for p, s in zip(planned, steps, strict=True)}
+        options = {
+            p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id)) for p, s in zip(planned, steps, strict=True)
+        }
         transaction.on_commit(lambda: enqueue(run.pk, spec, input, options))
     return run
 
@@ -87,18 +89,4 @@ def _step_row(run: Run, p: PlannedStep) -> Step:
         ttl=p.ttl,
         retries=p.retries,
         queue=p.queue,
-    )
-
-
-def _step_options(p: PlannedStep, step: Step) -> canvas.StepOptions:
-    return canvas.StepOptions(
-        step_id=step.pk,
-        task_id=str(step.task_id),
-        queue=p.queue,
-        soft_time_limit=p.soft_time_limit,
-        time_limit=p.time_limit,
-        ttl=p.ttl,
-        retries=p.retries,
-        backoff=p.backoff,
-        backoff_max=p.backoff_max,
     )

@@ -21,20 +21,7 @@ ECHO = {"skill": "echo"}
 
 def options_for(spec: dict[str, Any]) -> dict[str, StepOptions]:
     """Step options by path, numbered 1, 2, ... in spec order (as services does with row ids)."""
-    return {
-        p.path: StepOptions(
-            step_id=n,
-            task_id=f"task-{n}",
-            queue=p.queue,
-            soft_time_limit=p.soft_time_limit,
-            time_limit=p.time_limit,
-            ttl=p.ttl,
-            retries=p.retries,
-            backoff=p.backoff,
-            backoff_max=p.backoff_max,
-        )
-        for n, p in enumerate(plan(spec), start=1)
-    }
+    return {p.path: StepOptions.for_step(p, n, f"task-{n}") for n, p in enumerate(plan(spec), start=1)}
 
 
 def node(spec: dict[str, Any]) -> Any:

@@ -28,7 +28,7 @@ from agentsite.results import ChordSafeDatabaseBackend
 from orchestration import canvas
 from orchestration.models import Run, Step
 from orchestration.services import start_run
-from skills.registry import registry
+from orchestration.spec import plan
 
 from .conftest import WORKER_LOG, wait_for_run
 
@@ -191,22 +191,8 @@ def test_header_tasks_reporting_at_the_same_time_fire_the_body_exactly_once(fire
 
 def step_options(run: Run) -> dict[str, canvas.StepOptions]:
     """The options ``services.start_run`` gave each step of ``run``."""
-    options = {}
-    for step in run.steps.all():
-        skill = registry.get(step.skill)
-        assert skill is not None
-        options[step.path] = canvas.StepOptions(
-            step_id=step.pk,
-            task_id=str(step.task_id),
-            queue=step.queue,
-            soft_time_limit=step.soft_time_limit,
-            time_limit=step.time_limit,
-            ttl=step.ttl,
-            retries=step.retries,
-            backoff=skill.backoff,
-            backoff_max=skill.backoff_max,
-        )
-    return options
+    rows = {step.path: step for step in run.steps.all()}
+    return {p.path: canvas.StepOptions.for_step(p, rows[p.path].pk, str(rows[p.path].task_id)) for p in plan(run.spec)}
 
 
 def wait_for(condition: Any, timeout: float = 10) -> Any:
