@@ -203,7 +203,6 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": STEP_MAX_TIME_LIMIT + STEP_MAX_BACKOFF + 600,
 }
-CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = CELERY_BROKER_TRANSPORT_OPTIONS
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost broker connection, cancel running acks-late tasks so they are
 # redelivered rather than finishing unacknowledged.

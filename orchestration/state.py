@@ -91,12 +91,15 @@ def retry_step(step_id: int, run_id: int, error: str, countdown: float) -> None:
     record(run_id, "step.retrying", step_id, error=error, countdown=round(countdown, 3))
 
 
-def fail_step(step_id: int, run_id: int, error: str, status: str = StepStatus.FAILED) -> bool:
-    """Fail (or time out) a step and with it the run. False if already final."""
+def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED) -> bool:
+    """Fail (or time out) a step and with it the run. False if already final or gone."""
+    row = Step.objects.filter(pk=step_id).values_list("run_id", "key").first()
+    if row is None:
+        return False
+    run_id, key = row
     with transaction.atomic():
         changed = _finish_step(step_id, run_id, status, error=error)
         if changed:
-            key = Step.objects.values_list("key", flat=True).get(pk=step_id)
             fail_run(run_id, f"step {key} {status.replace('_', ' ')}: {error}")
     return changed
 
@@ -129,11 +132,14 @@ def _end_run(run_id: int, status: str, output: Any = None, error: str = "") -> b
     now = timezone.now()
     with transaction.atomic():
         ended = Run.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
-            status=status, output=output, error=error, finished_at=now
+            status=status,
+            output=output,
+            error=error,
+            started_at=Coalesce(F("started_at"), Value(now)),
+            finished_at=now,
         )
         if not ended:
             return False
-        Run.objects.filter(pk=run_id, started_at__isnull=True).update(started_at=now)
         Step.objects.filter(run_id=run_id, status=StepStatus.PENDING).update(
             status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now
         )

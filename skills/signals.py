@@ -21,12 +21,9 @@ def fail_revoked_step(sender: Any = None, request: Any = None, expired: bool = F
     step_id = (request.kwargs or {}).get("step_id")
     if step_id is None:
         return
-    row = Step.objects.filter(pk=step_id).values_list("run_id", "ttl").first()
-    if row is None:
-        return
-    run_id, ttl = row
     if expired:
+        ttl = Step.objects.filter(pk=step_id).values_list("ttl", flat=True).first() or 0
         error = f"expired: waited in the queue longer than its ttl ({ttl:g}s)"
     else:
         error = "revoked" + (" and terminated" if kwargs.get("terminated") else "") + " outside agentsite"
-    state.fail_step(step_id, run_id, error)
+    state.fail_step(step_id, error)

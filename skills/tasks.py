@@ -9,7 +9,6 @@ worker's main process.
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any
 
@@ -20,8 +19,6 @@ from orchestration import state
 from orchestration.models import Step, StepStatus
 
 from .registry import SkillContext, registry
-
-log = logging.getLogger(__name__)
 
 
 class StepHalted(Exception):
@@ -36,12 +33,11 @@ class StepTask(Task):
         step_id = kwargs.get("step_id")
         if step_id is None or isinstance(exc, StepHalted):
             return
-        run_id = Step.objects.values_list("run_id", flat=True).get(pk=step_id)
         if isinstance(exc, TimeLimitExceeded):
             error = f"killed at the hard time limit ({exc.args[0] if exc.args else '?'}s)"
-            state.fail_step(step_id, run_id, error, StepStatus.TIMED_OUT)
+            state.fail_step(step_id, error, StepStatus.TIMED_OUT)
         else:
-            state.fail_step(step_id, run_id, f"internal error: {exc!r}")
+            state.fail_step(step_id, f"internal error: {exc!r}")
 
 
 @shared_task(bind=True, base=StepTask, name="agentsite.run_step", acks_late=True)
@@ -52,7 +48,7 @@ def run_step(self: Task, upstream: Any, *, step_id: int, retry: dict[str, float]
         return _unclaimed(step)
     skill = registry.get(step.skill)
     if skill is None:
-        state.fail_step(step.pk, step.run_id, f'skill "{step.skill}" is not registered on this worker')
+        state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
         raise StepHalted(step.skill)
     try:
         output = skill.func(_context(step), upstream)
@@ -85,7 +81,7 @@ def _handle_failure(task: Task, step: Step, exc: Exception, retry: dict[str, flo
     if step.optional:
         state.skip_step(step.pk, step.run_id, error)
         return None
-    state.fail_step(step.pk, step.run_id, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)
+    state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)
     raise StepHalted(error) from exc
 
 
@@ -119,5 +115,9 @@ def finish_run(output: Any, *, run_id: int) -> None:
 
 @shared_task(name="agentsite.collect", acks_late=True, soft_time_limit=30, time_limit=60)
 def collect(outputs: list[Any]) -> list[Any]:
-    """The body of a one-member group: passes its members' outputs on as a list."""
+    """A chord body that passes its header's outputs on as one list.
+
+    The canvas uses it where Celery would otherwise unroll a one-member group
+    or merge a group into its parent group (orchestration/canvas.py).
+    """
     return outputs
