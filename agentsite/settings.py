@@ -177,6 +177,26 @@ STEP_MAX_TIME_LIMIT = env.int("STEP_MAX_TIME_LIMIT", default=3600)
 STEP_MAX_BACKOFF = env.int("STEP_MAX_BACKOFF", default=300)
 SPEC_MAX_STEPS = 200
 SPEC_MAX_DEPTH = 10
+# A run must end by its deadline (seconds from its start): the workflow's or the
+# request's, else the default; no more than the maximum.
+RUN_DEFAULT_DEADLINE = env.int("RUN_DEFAULT_DEADLINE", default=3600)
+RUN_MAX_DEADLINE = env.int("RUN_MAX_DEADLINE", default=86400)
+# The sweeper (celery beat -> agentsite.sweep) runs this often: it fails runs
+# past their deadline and re-publishes stalled ones.
+SWEEP_INTERVAL = env.int("SWEEP_INTERVAL", default=10)
+# A run none of whose steps showed activity for this long is re-published
+# (its messages were lost: a Redis restart, a lost publish, a dead worker).
+# Longer than the longest retry countdown, so backoff is not cut short.
+RUN_STALL_AFTER = env.int("RUN_STALL_AFTER", default=STEP_MAX_BACKOFF + 60)
+# A running step whose worker vanished counts as lost this long after its hard
+# time limit (the worker would have killed it by then).
+STEP_LEASE_GRACE = env.int("STEP_LEASE_GRACE", default=30)
+# A step whose worker dies under it this many times is failed, not redelivered.
+STEP_MAX_REDELIVERIES = env.int("STEP_MAX_REDELIVERIES", default=3)
+# A step that cannot reach the database retries (backoff up to 30 s) this often.
+STEP_DB_RETRIES = env.int("STEP_DB_RETRIES", default=40)
+# How long an Idempotency-Key is remembered (seconds).
+IDEMPOTENCY_KEY_TTL = env.int("IDEMPOTENCY_KEY_TTL", default=86400)
 
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
@@ -201,7 +221,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # must outlast the longest step (and the longest retry countdown) or a slow
 # step would run twice.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": STEP_MAX_TIME_LIMIT + STEP_MAX_BACKOFF + 600,
+    "visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT", default=STEP_MAX_TIME_LIMIT + STEP_MAX_BACKOFF + 600),
+}
+# A web request waits at most about a second for a broker that is down; the
+# run is kept queued and the sweeper publishes it once the broker is back.
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {
+        "task": "agentsite.sweep",
+        "schedule": SWEEP_INTERVAL,
+        "options": {"queue": "default", "expires": SWEEP_INTERVAL},
+    },
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost broker connection, cancel running acks-late tasks so they are

@@ -8,10 +8,12 @@ RunEvent in the same transaction.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Conversation(models.Model):
@@ -35,6 +37,9 @@ class Workflow(models.Model):
     description = models.TextField(blank=True)
     spec = models.JSONField()
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, null=True, blank=True, related_name="workflows")
+    deadline = models.FloatField(
+        null=True, blank=True, help_text="Seconds a run may take; empty: the service default (RUN_DEFAULT_DEADLINE)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -57,6 +62,10 @@ class RunStatus(models.TextChoices):
 ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 
 
+def default_deadline() -> datetime:
+    return timezone.now() + timedelta(seconds=settings.RUN_DEFAULT_DEADLINE)
+
+
 class Run(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="runs")
     conversation = models.ForeignKey(Conversation, models.CASCADE, null=True, blank=True, related_name="runs")
@@ -69,6 +78,11 @@ class Run(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(default=default_deadline, help_text="The run fails if it has not ended by then.")
+    replays = models.PositiveIntegerField(default=0, help_text="How often the run was replayed after it ended.")
+    republished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its canvas was last published again (replay, or the sweeper)."
+    )
 
     class Meta:
         ordering = ["-id"]
@@ -121,6 +135,18 @@ class Step(models.Model):
     output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    redeliveries = models.PositiveIntegerField(
+        default=0, help_text="Attempts that were cut short by a lost worker and delivered again."
+    )
+    delivery = models.CharField(
+        max_length=64, blank=True, help_text="The task message that holds this step: only it may run or replay it."
+    )
+    lease_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Until when the step is accounted for: its attempt's hard limit (plus grace), its retry "
+        "countdown, or its finish. The sweeper resumes a run none of whose steps is accounted for.",
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -154,6 +180,27 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} (run {self.run_id})"
+
+
+class IdempotencyKey(models.Model):
+    """A client's Idempotency-Key: a repeat of its request returns the same run."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the request it was first used for.")
+    run = models.ForeignKey(Run, models.CASCADE, null=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="idempotency_key_per_owner")]
+        indexes = [
+            # The sweeper deletes expired keys.
+            models.Index(fields=["expires_at"], name="idempotency_key_expiry_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
 
 
 class MessageRole(models.TextChoices):

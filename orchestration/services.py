@@ -1,23 +1,49 @@
-"""Starting runs: validate, insert the run and its steps, enqueue on commit."""
+"""Starting, cancelling, replaying and sweeping runs.
+
+State changes themselves go through ``orchestration.state``; this module
+decides what to change and talks to the broker (publish, revoke).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from kombu.exceptions import OperationalError
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
+
+from agentsite.celery import app
 
 from . import canvas, state
-from .models import Conversation, Message, MessageRole, Run, Step, Workflow
-from .spec import PlannedStep, plan
+from .models import (
+    ACTIVE_RUN_STATUSES,
+    Conversation,
+    IdempotencyKey,
+    Message,
+    MessageRole,
+    Run,
+    RunStatus,
+    Step,
+    Workflow,
+)
+from .spec import PlannedStep, SpecError, plan
 
 log = logging.getLogger(__name__)
 
+SWEEP_BATCH = 200  # runs per kind per sweep: a backlog drains over a few sweeps
 
-class EnqueueError(Exception):
-    """The broker refused the run's canvas; the run was failed."""
+
+class Conflict(Exception):
+    """The run is not in a state that allows the action; the message says why."""
 
 
 def start_run(
@@ -27,15 +53,26 @@ def start_run(
     input: Any = None,
     conversation: Conversation | None = None,
     workflow: Workflow | None = None,
+    deadline: float | None = None,
 ) -> Run:
-    """Insert a queued run with its pending steps; enqueue once committed.
+    """Insert a queued run with its pending steps; publish once committed.
 
-    Raises SpecError for an invalid spec (nothing is written) and, from the
-    outermost transaction's commit, EnqueueError when the broker is down.
+    ``deadline`` (seconds) overrides the workflow's, which overrides
+    RUN_DEFAULT_DEADLINE. Raises SpecError for an invalid spec (nothing is
+    written). If the broker is down the run stays queued and the sweeper
+    publishes it later.
     """
     planned = plan(spec)
+    seconds = deadline or (workflow.deadline if workflow else None) or settings.RUN_DEFAULT_DEADLINE
     with transaction.atomic():
-        run = Run.objects.create(owner=owner, conversation=conversation, workflow=workflow, spec=spec, input=input)
+        run = Run.objects.create(
+            owner=owner,
+            conversation=conversation,
+            workflow=workflow,
+            spec=spec,
+            input=input,
+            deadline=timezone.now() + timedelta(seconds=min(seconds, settings.RUN_MAX_DEADLINE)),
+        )
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))
         options = {
@@ -45,7 +82,9 @@ def start_run(
     return run
 
 
-def post_message(*, conversation: Conversation, content: str, spec: Any, workflow: Workflow | None) -> Message:
+def post_message(
+    *, conversation: Conversation, content: str, spec: Any, workflow: Workflow | None, deadline: float | None = None
+) -> Message:
     """Store a user message and start the run that answers it."""
     with transaction.atomic():
         message = Message.objects.create(conversation=conversation, role=MessageRole.USER, content=content)
@@ -55,6 +94,7 @@ def post_message(*, conversation: Conversation, content: str, spec: Any, workflo
             input={"content": content, "conversation_id": conversation.pk},
             conversation=conversation,
             workflow=workflow,
+            deadline=deadline,
         )
         message.save(update_fields=["run"])
     return message
@@ -65,15 +105,28 @@ def default_workflow() -> Workflow | None:
 
 
 def enqueue(run_id: int, spec: Any, input: Any, steps: dict[str, canvas.StepOptions]) -> None:
-    """Publish the run's canvas; a run that cannot be published is failed."""
+    """Publish the run's canvas.
+
+    A broker outage leaves the run queued for the sweeper; any other error
+    (a bug) fails the run and propagates.
+    """
     try:
         canvas.build(spec, steps, run_id).apply_async(args=(input,))
+    except BrokerUnavailable as exc:
+        log.warning("run %s not published, the sweeper will: %s", run_id, exc)
+        state.mark_unpublished(run_id, f"the task broker is unavailable: {exc}")
     except Exception as exc:
         log.exception("could not enqueue run %s", run_id)
         state.fail_run(run_id, f"could not enqueue: {exc}")
-        if isinstance(exc, OperationalError):
-            raise EnqueueError("the task broker is unavailable; the run was not started") from exc
         raise
+
+
+def publish(run: Run) -> None:
+    """Publish an existing run's canvas again (replay, sweeper)."""
+    planned = plan(run.spec)
+    rows = {path: (pk, str(task_id)) for pk, path, task_id in run.steps.values_list("pk", "path", "task_id")}
+    options = {p.path: canvas.StepOptions.for_step(p, *rows[p.path]) for p in planned}
+    enqueue(run.pk, run.spec, run.input, options)
 
 
 def _step_row(run: Run, p: PlannedStep) -> Step:
@@ -90,3 +143,159 @@ def _step_row(run: Run, p: PlannedStep) -> Step:
         retries=p.retries,
         queue=p.queue,
     )
+
+
+# --- Idempotency keys -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Idempotent:
+    run: Run
+    replayed: bool  # True: an earlier request with this key made the run
+
+
+class KeyReused(Exception):
+    """The Idempotency-Key was first used for a different request."""
+
+
+def request_fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def once_per_key(owner: Any, key: str, fingerprint: str, create: Callable[[], Run]) -> Idempotent:
+    """Run ``create`` unless this owner's key already made a run; then return that.
+
+    Concurrent requests with one key make one run: the key row is inserted in
+    the transaction that creates the run, so the unique constraint makes the
+    others wait for it and then find it. Expired keys count as unused.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        found = _live_key(owner, key, now)
+        if found is None:
+            IdempotencyKey.objects.filter(owner=owner, key=key, expires_at__lte=now).delete()
+            expires = now + timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL)
+            try:
+                with transaction.atomic():
+                    record = IdempotencyKey.objects.create(
+                        owner=owner, key=key, fingerprint=fingerprint, expires_at=expires
+                    )
+            except IntegrityError:
+                found = _live_key(owner, key, now)  # a concurrent request just made it
+            else:
+                record.run = create()
+                record.save(update_fields=["run"])
+                return Idempotent(run=record.run, replayed=False)
+    if found is None or found.run is None:
+        raise KeyReused("this Idempotency-Key's first request is still being processed; retry shortly")
+    if found.fingerprint != fingerprint:
+        raise KeyReused("this Idempotency-Key was already used for a different request")
+    return Idempotent(run=found.run, replayed=True)
+
+
+def _live_key(owner: Any, key: str, now: datetime) -> IdempotencyKey | None:
+    keys = IdempotencyKey.objects.select_related("run", "run__workflow")
+    return keys.filter(owner=owner, key=key, expires_at__gt=now).first()
+
+
+# --- Cancel and replay ---------------------------------------------------------------
+
+
+def cancel_run(run: Run, by: str) -> None:
+    """Cancel an active run: its steps are revoked, running ones terminated."""
+    task_ids = state.cancel_run(run.pk, f"cancelled by {by}")
+    if task_ids is None:
+        current = Run.objects.values_list("status", flat=True).get(pk=run.pk)
+        raise Conflict(f"run {run.pk} is already {current}; only a queued, running or waiting run can be cancelled")
+    transaction.on_commit(lambda: revoke(task_ids))
+
+
+def replay_run(run: Run) -> None:
+    """Replay a failed or cancelled run from its unfinished steps.
+
+    Steps that succeeded keep their outputs and are not run again; the run
+    gets a fresh deadline of the length it had.
+    """
+    if run.status not in state.REPLAYABLE_RUN_STATUSES:
+        raise Conflict(f"run {run.pk} is {run.status}; only a failed or cancelled run can be retried")
+    try:
+        plan(run.spec)
+    except SpecError as exc:
+        raise Conflict(f"run {run.pk} cannot be replayed: its spec is no longer valid: {exc}") from exc
+    length = run.deadline - run.created_at
+    if not state.replay_run(run.pk, timezone.now() + length):
+        raise Conflict(f"run {run.pk} changed meanwhile; reload it")
+    transaction.on_commit(lambda: publish(Run.objects.get(pk=run.pk)))
+
+
+def revoke(task_ids: list[str]) -> None:
+    """Drop queued messages of these tasks and terminate them where running.
+
+    Best effort: a step that still arrives finds its run ended and stops.
+    """
+    if not task_ids:
+        return
+    try:
+        app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+    except BrokerUnavailable as exc:
+        log.warning("could not revoke %d tasks: %s", len(task_ids), exc)
+
+
+# --- The sweeper ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    expired: list[int]
+    resumed: list[int]
+    keys_purged: int
+
+
+def sweep() -> SweepReport:
+    """Fail runs past their deadline, resume stalled ones, forget expired keys."""
+    now = timezone.now()
+    return SweepReport(expired=expire_overdue(now), resumed=resume_stalled(now), keys_purged=purge_keys(now))
+
+
+def expire_overdue(now: datetime) -> list[int]:
+    overdue = Run.objects.filter(status__in=ACTIVE_RUN_STATUSES, deadline__lt=now)
+    expired = []
+    for run_id in overdue.values_list("pk", flat=True)[:SWEEP_BATCH]:
+        task_ids = state.expire_run(run_id)
+        if task_ids is not None:
+            revoke(task_ids)
+            expired.append(run_id)
+    return expired
+
+
+def stalled_runs(now: datetime) -> Any:
+    """Active runs none of whose steps was accounted for in RUN_STALL_AFTER.
+
+    Their messages were lost (a broker restart, a publish that failed or never
+    happened, a worker killed with its messages): nothing will move them.
+    A run waiting for input is not stalled.
+    """
+    cutoff = now - timedelta(seconds=settings.RUN_STALL_AFTER)
+    busy = Step.objects.filter(run=OuterRef("pk"), lease_until__gt=cutoff)
+    runs = Run.objects.filter(status__in=(RunStatus.QUEUED, RunStatus.RUNNING), deadline__gte=now)
+    runs = runs.alias(kicked=Coalesce("republished_at", "created_at")).filter(kicked__lt=cutoff)
+    return runs.exclude(Exists(busy))
+
+
+def resume_stalled(now: datetime) -> list[int]:
+    resumed = []
+    for run in stalled_runs(now)[:SWEEP_BATCH]:
+        if not state.resume_run(run.pk):
+            continue
+        try:
+            publish(run)
+        except SpecError as exc:
+            state.fail_run(run.pk, f"cannot resume: its spec is no longer valid: {exc}")
+            continue
+        resumed.append(run.pk)
+    return resumed
+
+
+def purge_keys(now: datetime) -> int:
+    deleted, _ = IdempotencyKey.objects.filter(expires_at__lte=now).delete()
+    return deleted

@@ -8,9 +8,13 @@ transaction. They take ids, never model instances, so tasks can call them.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
@@ -28,14 +32,24 @@ from .models import (
 )
 
 FINISHED_STEP_STATUSES = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+UNFINISHED_STEP_STATUSES = (StepStatus.PENDING, StepStatus.RUNNING)
+REPLAYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+class ClaimOutcome(Enum):
+    """What one delivery of a step's task message may do."""
+
+    RUN = "run"  # it holds the step: call the skill
+    STORED = "stored"  # the step finished before: pass its stored output on
+    DUPLICATE = "duplicate"  # another message holds the step: change nothing
+    RUN_ENDED = "run_ended"  # the run is over: stop this branch
+    GAVE_UP = "gave_up"  # its worker was lost too often: the step failed
 
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of claiming a step for execution."""
-
     step: Step
-    acquired: bool  # False: the step must not run (see step.status)
+    outcome: ClaimOutcome
 
 
 def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> None:
@@ -44,27 +58,64 @@ def record(run_id: int, type: str, step_id: int | None = None, error: str = "", 
     RunEvent.objects.create(run_id=run_id, step_id=step_id, type=type, data=data)
 
 
-def claim_step(step_id: int) -> Claim:
-    """Mark a step running (attempt + 1) unless it finished or its run ended.
+def claim_step(step_id: int, delivery: str) -> Claim:
+    """Decide what one delivery of a step's message may do, and record it.
 
-    A step already ``running`` may be claimed again: that is a retry or the
-    redelivery of a message whose worker died.
+    ``delivery`` identifies the task message (it survives redelivery, not
+    re-publishing). The message that claims a pending step holds it
+    (``Step.delivery``): only that message may claim it again while it is
+    running (a redelivery after its worker died: counted, and capped by
+    STEP_MAX_REDELIVERIES) or pass on its stored output once it finished. A
+    finished step whose holder was cleared (a replay, or the sweeper resuming
+    a stalled run) is taken over by the first message that asks. Any other
+    message is a duplicate and changes nothing, so a step runs once at a time
+    and its successor is not run twice.
     """
-    now = timezone.now()
     with transaction.atomic():
-        claimed = Step.objects.filter(
-            pk=step_id,
-            status__in=(StepStatus.PENDING, StepStatus.RUNNING),
-            run__status__in=ACTIVE_RUN_STATUSES,
-        ).update(
-            status=StepStatus.RUNNING, attempts=F("attempts") + 1, started_at=Coalesce(F("started_at"), Value(now))
-        )
         step = Step.objects.select_related("run", "run__conversation").get(pk=step_id)
-        if claimed:
-            if step.run.status == RunStatus.QUEUED:  # only a run's first step starts it
-                _start_run(step.run_id, now)
-            record(step.run_id, "step.running", step_id, attempt=step.attempts)
-    return Claim(step=step, acquired=bool(claimed))
+        if step.status in FINISHED_STEP_STATUSES:
+            outcome = _take_over(step, delivery)
+        elif step.run.status not in ACTIVE_RUN_STATUSES:
+            outcome = ClaimOutcome.RUN_ENDED
+        elif step.status == StepStatus.PENDING or (step.status == StepStatus.RUNNING and step.delivery == delivery):
+            outcome = _hold(step, delivery)
+        else:
+            outcome = ClaimOutcome.DUPLICATE
+    return Claim(step=step, outcome=outcome)
+
+
+def _hold(step: Step, delivery: str) -> ClaimOutcome:
+    now = timezone.now()
+    redelivered = step.status == StepStatus.RUNNING
+    if redelivered and step.redeliveries >= settings.STEP_MAX_REDELIVERIES:
+        lost = step.redeliveries + 1
+        fail_step(step.pk, f"gave up: its worker was lost {lost} times while running it (crash or out of memory?)")
+        return ClaimOutcome.GAVE_UP
+    held = Step.objects.filter(pk=step.pk, status=step.status, delivery=step.delivery).update(
+        status=StepStatus.RUNNING,
+        delivery=delivery,
+        attempts=F("attempts") + 1,
+        redeliveries=F("redeliveries") + int(redelivered),
+        started_at=Coalesce(F("started_at"), Value(now)),
+        lease_until=now + timedelta(seconds=step.time_limit + settings.STEP_LEASE_GRACE),
+    )
+    if not held:
+        return ClaimOutcome.DUPLICATE
+    step.status, step.delivery = StepStatus.RUNNING, delivery
+    step.attempts += 1
+    step.redeliveries += int(redelivered)
+    if step.run.status == RunStatus.QUEUED:  # only a run's first step starts it
+        _start_run(step.run_id, now)
+    record(step.run_id, "step.running", step.pk, attempt=step.attempts, redelivered=redelivered)
+    return ClaimOutcome.RUN
+
+
+def _take_over(step: Step, delivery: str) -> ClaimOutcome:
+    if step.delivery == delivery:
+        return ClaimOutcome.STORED
+    if not step.delivery and Step.objects.filter(pk=step.pk, delivery="").update(delivery=delivery):
+        return ClaimOutcome.STORED
+    return ClaimOutcome.DUPLICATE
 
 
 def _start_run(run_id: int, now: Any) -> None:
@@ -72,13 +123,14 @@ def _start_run(run_id: int, now: Any) -> None:
         record(run_id, "run.running")
 
 
-def succeed_step(step_id: int, run_id: int, output: Any) -> None:
-    _finish_step(step_id, run_id, StepStatus.SUCCEEDED, output=output)
+def succeed_step(step_id: int, run_id: int, output: Any, delivery: str) -> bool:
+    """Store a step's output; False if ``delivery`` no longer holds it."""
+    return _finish_step(step_id, run_id, StepStatus.SUCCEEDED, output=output, delivery=delivery)
 
 
-def skip_step(step_id: int, run_id: int, error: str) -> None:
+def skip_step(step_id: int, run_id: int, error: str, delivery: str) -> bool:
     """An optional step that failed: it yields null and the run goes on."""
-    _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error)
+    return _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error, delivery=delivery)
 
 
 def cancel_step(step_id: int, run_id: int, reason: str) -> None:
@@ -87,13 +139,25 @@ def cancel_step(step_id: int, run_id: int, reason: str) -> None:
 
 
 def retry_step(step_id: int, run_id: int, error: str, countdown: float) -> None:
-    Step.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(error=error)
-    record(run_id, "step.retrying", step_id, error=error, countdown=round(countdown, 3))
+    """The attempt failed; the step waits ``countdown`` seconds for the next."""
+    lease = timezone.now() + timedelta(seconds=countdown + settings.STEP_LEASE_GRACE)
+    with transaction.atomic():
+        Step.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
+            status=StepStatus.PENDING, error=error, lease_until=lease
+        )
+        record(run_id, "step.retrying", step_id, error=error, countdown=round(countdown, 3))
 
 
-def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED) -> bool:
-    """Fail (or time out) a step and with it the run. False if already final or gone."""
-    row = Step.objects.filter(pk=step_id).values_list("run_id", "key").first()
+def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id: str | None = None) -> bool:
+    """Fail (or time out) a step and with it the run. False if already final or gone.
+
+    With ``task_id``, only while the step still has that task id: news about
+    a task of an earlier replay changes nothing.
+    """
+    steps = Step.objects.filter(pk=step_id)
+    if task_id is not None:
+        steps = steps.filter(task_id=task_id)
+    row = steps.values_list("run_id", "key").first()
     if row is None:
         return False
     run_id, key = row
@@ -104,11 +168,15 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED) -> bool
     return changed
 
 
-def _finish_step(step_id: int, run_id: int, status: str, output: Any = None, error: str = "") -> bool:
+def _finish_step(
+    step_id: int, run_id: int, status: str, output: Any = None, error: str = "", delivery: str | None = None
+) -> bool:
+    steps = Step.objects.filter(pk=step_id, status__in=UNFINISHED_STEP_STATUSES)
+    if delivery is not None:
+        steps = steps.filter(status=StepStatus.RUNNING, delivery=delivery)
+    now = timezone.now()
     with transaction.atomic():
-        changed = Step.objects.filter(pk=step_id, status__in=(StepStatus.PENDING, StepStatus.RUNNING)).update(
-            status=status, output=output, error=error, finished_at=timezone.now()
-        )
+        changed = steps.update(status=status, output=output, error=error, finished_at=now, lease_until=now)
         if changed:
             record(run_id, f"step.{status}", step_id, error=error)
     return bool(changed)
@@ -116,20 +184,50 @@ def _finish_step(step_id: int, run_id: int, status: str, output: Any = None, err
 
 def fail_run(run_id: int, error: str) -> bool:
     """End an active run as failed; steps that never started are cancelled."""
-    return _end_run(run_id, RunStatus.FAILED, error=error)
+    return _end_run(run_id, RunStatus.FAILED, error=error) is not None
 
 
 def succeed_run(run_id: int, output: Any) -> bool:
     """End a running run with its output; its conversation gets the reply."""
     with transaction.atomic():
-        ended = _end_run(run_id, RunStatus.SUCCEEDED, output=output)
+        ended = _end_run(run_id, RunStatus.SUCCEEDED, output=output) is not None
         if ended:
             _append_reply(run_id, output)
     return ended
 
 
-def _end_run(run_id: int, status: str, output: Any = None, error: str = "") -> bool:
+def cancel_run(run_id: int, reason: str) -> list[str] | None:
+    """Cancel an active run and all its unfinished steps.
+
+    Returns the task ids to revoke (and terminate, if running), or None when
+    the run had already ended.
+    """
+    return _end_run(run_id, RunStatus.CANCELLED, error=reason, running=StepStatus.CANCELLED)
+
+
+def expire_run(run_id: int) -> list[str] | None:
+    """Fail an active run that passed its deadline; its running steps time out.
+
+    Returns the task ids to revoke and terminate, or None if it had ended.
+    """
+    run = Run.objects.filter(pk=run_id).values("created_at", "deadline").first()
+    if run is None:
+        return None
+    allowed = (run["deadline"] - run["created_at"]).total_seconds()
+    error = f"deadline exceeded: the run did not finish within {round(allowed, 1):g}s"
+    return _end_run(run_id, RunStatus.FAILED, error=error, running=StepStatus.TIMED_OUT)
+
+
+def _end_run(
+    run_id: int, status: str, output: Any = None, error: str = "", running: str | None = None
+) -> list[str] | None:
+    """End an active run. Its pending steps are cancelled; with ``running``,
+    its running steps end with that status too (they are to be terminated).
+
+    Returns the task ids of the steps it ended, or None if the run was not active.
+    """
     now = timezone.now()
+    waiting = (StepStatus.PENDING, StepStatus.RUNNING) if running else (StepStatus.PENDING,)
     with transaction.atomic():
         ended = Run.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
             status=status,
@@ -139,12 +237,108 @@ def _end_run(run_id: int, status: str, output: Any = None, error: str = "") -> b
             finished_at=now,
         )
         if not ended:
-            return False
-        Step.objects.filter(run_id=run_id, status=StepStatus.PENDING).update(
-            status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now
+            return None
+        steps = Step.objects.filter(run_id=run_id, status__in=waiting)
+        task_ids = [str(task_id) for task_id in steps.values_list("task_id", flat=True)]
+        reason = error if running else f"not run: the run {status}"
+        steps.filter(status=StepStatus.PENDING).update(
+            status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now, lease_until=now
         )
+        if running:
+            steps.filter(status=StepStatus.RUNNING).update(
+                status=running, error=f"stopped: {reason}", finished_at=now, lease_until=now
+            )
         record(run_id, f"run.{status}", error=error)
+    return task_ids
+
+
+def replay_run(run_id: int, deadline: datetime) -> bool:
+    """Make a failed or cancelled run queued again, keeping finished steps.
+
+    Steps that succeeded (or were skipped) keep their output and are passed on
+    by the first message that asks; every other step is pending again with a
+    fresh task id (its old one may be revoked, or have a failed result that a
+    chord would count). False if the run is not failed or cancelled.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        replayed = Run.objects.filter(pk=run_id, status__in=REPLAYABLE_RUN_STATUSES).update(
+            status=RunStatus.QUEUED,
+            output=None,
+            error="",
+            started_at=None,
+            finished_at=None,
+            deadline=deadline,
+            replays=F("replays") + 1,
+            republished_at=now,
+        )
+        if not replayed:
+            return False
+        kept = Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
+        redo = list(Step.objects.filter(run_id=run_id).exclude(status__in=FINISHED_STEP_STATUSES))
+        for step in redo:
+            step.status, step.output, step.error, step.delivery = StepStatus.PENDING, None, "", ""
+            step.attempts = step.redeliveries = 0
+            step.started_at = step.finished_at = step.lease_until = None
+            step.task_id = uuid.uuid4()
+        Step.objects.bulk_update(redo, fields=[*_RESET_STEP_FIELDS, "task_id"])
+        record(run_id, "run.replayed", kept=kept, redo=len(redo))
     return True
+
+
+_RESET_STEP_FIELDS = [
+    "status",
+    "output",
+    "error",
+    "delivery",
+    "attempts",
+    "redeliveries",
+    "started_at",
+    "finished_at",
+    "lease_until",
+]
+
+
+def resume_run(run_id: int) -> bool:
+    """Make a stalled run's canvas publishable again (for the sweeper).
+
+    Running steps whose lease ran out lost their worker: they are pending
+    again (a redelivery, capped like one), and finished steps may be passed
+    on by the re-published canvas. False if the run ended meanwhile, or a lost
+    step gave up and failed it.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        lost = list(Step.objects.filter(run_id=run_id, status=StepStatus.RUNNING, lease_until__lt=now))
+        for step in lost:
+            if step.redeliveries >= settings.STEP_MAX_REDELIVERIES:
+                fail_step(step.pk, f"gave up: its worker was lost {step.redeliveries + 1} times while running it")
+                return False
+        Step.objects.filter(pk__in=[s.pk for s in lost], status=StepStatus.RUNNING).update(
+            status=StepStatus.PENDING,
+            delivery="",
+            redeliveries=F("redeliveries") + 1,
+            error="its worker was lost; resumed by the sweeper",
+        )
+        Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
+        resumed = Run.objects.filter(pk=run_id, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).update(
+            republished_at=now
+        )
+        if resumed:
+            record(run_id, "run.resumed", lost_steps=[s.key for s in lost])
+    return bool(resumed)
+
+
+def mark_unpublished(run_id: int, error: str) -> None:
+    """The run's canvas could not be published: the next sweep publishes it.
+
+    Setting ``republished_at`` back by RUN_STALL_AFTER makes the run look
+    stalled at once (its steps have no lease yet).
+    """
+    due = timezone.now() - timedelta(seconds=settings.RUN_STALL_AFTER + 1)
+    with transaction.atomic():
+        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(republished_at=due)
+        record(run_id, "run.publish_failed", error=error)
 
 
 def _append_reply(run_id: int, output: Any) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .models import Effect
 from .registry import SkillContext, SkillError, skill
 
 
@@ -30,14 +31,34 @@ def echo(ctx: SkillContext, input: Any) -> Any:
     max_time_limit=660,
 )
 def sleep(ctx: SkillContext, input: Any) -> Any:
-    deadline = time.monotonic() + float(ctx.args.get("seconds", 1))
+    _sleep(float(ctx.args.get("seconds", 1)), shield=bool(ctx.args.get("shield")))
+    return input
+
+
+@skill(
+    description="Sleeps args.seconds (default 0), then applies a side effect: one "
+    "skills.Effect row keyed by the step's idempotency key, never deduplicated. "
+    "Fault-injection tests count the rows to prove no effect is applied twice.",
+    soft_time_limit=30,
+    time_limit=40,
+    max_soft_time_limit=600,
+    max_time_limit=660,
+)
+def effect(ctx: SkillContext, input: Any) -> Any:
+    _sleep(float(ctx.args.get("seconds", 0)), shield=False)
+    Effect.objects.create(key=ctx.idempotency_key, run_id=ctx.run_id)
+    return input
+
+
+def _sleep(seconds: float, *, shield: bool) -> None:
+    """Sleep; with shield, keep sleeping through the soft time limit."""
+    deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
             time.sleep(left)
         except SoftTimeLimitExceeded:
-            if not ctx.args.get("shield"):
+            if not shield:
                 raise
-    return input
 
 
 @skill(description="Raises with args.message.", soft_time_limit=5, time_limit=10)
@@ -46,7 +67,8 @@ def fail(ctx: SkillContext, input: Any) -> Any:
 
 
 @skill(
-    description="Fails its first args.failures attempts, then returns its input.",
+    description="Fails its first args.failures attempts (default 1), or with args.until "
+    "(Unix seconds) every attempt before that time; then returns its input.",
     soft_time_limit=5,
     time_limit=10,
     retries=3,
@@ -54,6 +76,10 @@ def fail(ctx: SkillContext, input: Any) -> Any:
     backoff_max=2,
 )
 def flaky(ctx: SkillContext, input: Any) -> Any:
+    if "until" in ctx.args:
+        if time.time() < float(ctx.args["until"]):
+            raise SkillError(f"flaky: failing until {ctx.args['until']}")
+        return input
     failures = int(ctx.args.get("failures", 1))
     if ctx.attempt <= failures:
         raise SkillError(f"flaky: attempt {ctx.attempt} of {failures} planned failures")

@@ -26,4 +26,4 @@ def fail_revoked_step(sender: Any = None, request: Any = None, expired: bool = F
         error = f"expired: waited in the queue longer than its ttl ({ttl:g}s)"
     else:
         error = "revoked" + (" and terminated" if kwargs.get("terminated") else "") + " outside agentsite"
-    state.fail_step(step_id, error)
+    state.fail_step(step_id, error, task_id=request.id)

@@ -9,20 +9,33 @@ worker's main process.
 
 from __future__ import annotations
 
+import logging
 import random
+import uuid
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
+from agentsite.celery import DELIVERY_HEADER
 from orchestration import state
 from orchestration.models import Step, StepStatus
+from orchestration.state import ClaimOutcome
 
 from .registry import SkillContext, registry
+
+log = logging.getLogger(__name__)
 
 
 class StepHalted(Exception):
     """The step ended the run (or found it ended): stop this canvas branch."""
+
+
+# The database is unreachable (restarting, failing over): retry the task.
+DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
 class StepTask(Task):
@@ -35,17 +48,44 @@ class StepTask(Task):
             return
         if isinstance(exc, TimeLimitExceeded):
             error = f"killed at the hard time limit ({exc.args[0] if exc.args else '?'}s)"
-            state.fail_step(step_id, error, StepStatus.TIMED_OUT)
+            state.fail_step(step_id, error, StepStatus.TIMED_OUT, task_id=task_id)
+        elif isinstance(exc, (BrokerUnavailable, *DATABASE_DOWN)):
+            # Outcome not recorded, or next step not sent: the sweeper resumes the run.
+            log.warning("step %s: left for the sweeper after %r", step_id, exc)
         else:
-            state.fail_step(step_id, f"internal error: {exc!r}")
+            state.fail_step(step_id, f"internal error: {exc!r}", task_id=task_id)
 
 
-@shared_task(bind=True, base=StepTask, name="agentsite.run_step", acks_late=True)
-def run_step(self: Task, upstream: Any, *, step_id: int, retry: dict[str, float]) -> Any:
-    claim = state.claim_step(step_id)
+@shared_task(bind=True, base=StepTask, name="agentsite.run_step", acks_late=True, max_retries=None)
+def run_step(
+    self: Task,
+    upstream: Any,
+    *,
+    step_id: int,
+    retry: dict[str, float],
+    done: dict[str, Any] | None = None,
+    outages: int = 0,
+) -> Any:
+    """Run one step.
+
+    After a database outage the task retries as the same delivery (its
+    headers are copied); ``done`` then carries a skill output still to store.
+    """
+    delivery = (self.request.headers or {}).get(DELIVERY_HEADER) or str(self.request.id)
+    try:
+        if done is not None:
+            return _store(step_id, delivery, done["output"])
+        return _run(self, upstream, step_id, delivery, retry)
+    except DATABASE_DOWN as exc:
+        _retry_later(self, exc, outages)
+        raise  # not reached: _retry_later raises
+
+
+def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str, float]) -> Any:
+    claim = state.claim_step(step_id, delivery)
     step = claim.step
-    if not claim.acquired:
-        return _unclaimed(step)
+    if claim.outcome is not ClaimOutcome.RUN:
+        return _not_run(claim)
     skill = registry.get(step.skill)
     if skill is None:
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
@@ -53,33 +93,68 @@ def run_step(self: Task, upstream: Any, *, step_id: int, retry: dict[str, float]
     try:
         output = skill.func(_context(step), upstream)
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
-        return _handle_failure(self, step, exc, retry)
-    state.succeed_step(step.pk, step.run_id, output)
+        return _handle_failure(task, step, delivery, exc, retry)
+    try:
+        return _store(step.pk, delivery, output, run_id=step.run_id)
+    except DATABASE_DOWN as exc:
+        # The skill's work is done: retry storing its output, never the skill.
+        _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
+        raise  # not reached: _retry_later raises
+
+
+def _store(step_id: int, delivery: str, output: Any, run_id: int | None = None) -> Any:
+    if run_id is None:
+        run_id = Step.objects.values_list("run_id", flat=True).get(pk=step_id)
+    if not state.succeed_step(step_id, run_id, output, delivery):
+        raise Ignore()  # the run ended, or the sweeper gave the step to another message
     return output
 
 
-def _unclaimed(step: Step) -> Any:
-    """A redelivered step that already finished returns its stored output.
+def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] | None = None) -> None:
+    """Retry as the same delivery after a database outage, with backoff; raises.
 
-    Any other unclaimable step belongs to a run that has ended: it is
-    cancelled (if it was still waiting for an attempt) and its branch stops.
+    Once STEP_DB_RETRIES are spent it re-raises ``exc``: the sweeper resumes
+    the run when the database is back.
     """
-    if step.status in state.FINISHED_STEP_STATUSES:
+    if outages >= settings.STEP_DB_RETRIES:
+        raise exc
+    kwargs = {**_kwargs(task), "outages": outages + 1}
+    if done is not None:
+        kwargs["done"] = done
+    log.warning("step %s: database unavailable (%r); retry %s", kwargs.get("step_id"), exc, outages + 1)
+    raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, 30), exc=exc)
+
+
+def _not_run(claim: state.Claim) -> Any:
+    """A message that does not run the skill.
+
+    A redelivered or re-published step that already finished passes its
+    stored output on; a duplicate is dropped without a trace; a step of a run
+    that ended is cancelled (if it was still waiting) and its branch stops.
+    """
+    step = claim.step
+    if claim.outcome is ClaimOutcome.STORED:
         return step.output
-    reason = f"not run: the run {step.run.status}"
-    state.cancel_step(step.pk, step.run_id, reason)
-    raise StepHalted(reason)
+    if claim.outcome is ClaimOutcome.DUPLICATE:
+        raise Ignore()
+    if claim.outcome is ClaimOutcome.RUN_ENDED and step.status in state.UNFINISHED_STEP_STATUSES:
+        state.cancel_step(step.pk, step.run_id, f"not run: the run {step.run.status}")
+    raise StepHalted(f"step {step.key}: {claim.outcome.value}")
 
 
-def _handle_failure(task: Task, step: Step, exc: Exception, retry: dict[str, float]) -> Any:
+def _handle_failure(task: Task, step: Step, delivery: str, exc: Exception, retry: dict[str, float]) -> Any:
     timed_out = isinstance(exc, SoftTimeLimitExceeded)
     error = f"timed out after {step.soft_time_limit:g}s (soft limit)" if timed_out else _message(exc)
     if step.attempts <= retry["max"]:
         countdown = backoff(step.attempts, retry["backoff"], retry["backoff_max"])
         state.retry_step(step.pk, step.run_id, error, countdown)
-        raise task.retry(countdown=countdown, max_retries=int(retry["max"]), exc=exc)
+        # A new delivery: if this message is redelivered too, only one of them runs.
+        kwargs = {k: v for k, v in _kwargs(task).items() if k not in ("done", "outages")}
+        headers = {**(task.request.headers or {}), DELIVERY_HEADER: uuid.uuid4().hex}
+        raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
     if step.optional:
-        state.skip_step(step.pk, step.run_id, error)
+        if not state.skip_step(step.pk, step.run_id, error, delivery):
+            raise Ignore()
         return None
     state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)
     raise StepHalted(error) from exc
@@ -103,11 +178,24 @@ def _context(step: Step) -> SkillContext:
     )
 
 
+def _kwargs(task: Task) -> dict[str, Any]:
+    return dict(task.request.kwargs or {})
+
+
 def _message(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-@shared_task(name="agentsite.finish_run", acks_late=True, soft_time_limit=30, time_limit=60)
+@shared_task(
+    name="agentsite.finish_run",
+    acks_late=True,
+    soft_time_limit=30,
+    time_limit=60,
+    autoretry_for=DATABASE_DOWN,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=settings.STEP_DB_RETRIES,
+)
 def finish_run(output: Any, *, run_id: int) -> None:
     """The canvas's last link: the run succeeded with the spec's output."""
     state.succeed_run(run_id, output)

@@ -26,7 +26,8 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from agentsite.celery import app
-from orchestration.models import Run
+from orchestration.models import ACTIVE_RUN_STATUSES, Run
+from orchestration.services import cancel_run
 
 from .factories import UserFactory, token_for
 
@@ -88,9 +89,27 @@ def celery_worker_process(django_db_setup: None, django_db_blocker: Any) -> Iter
 
 
 @pytest.fixture
-def worker(celery_worker_process: Worker, transactional_db: None) -> Worker:
+def worker(celery_worker_process: Worker, transactional_db: None) -> Iterator[Worker]:
     """A real worker, and a database whose committed rows it can see."""
-    return celery_worker_process
+    yield celery_worker_process
+    _settle(celery_worker_process)
+
+
+def _settle(worker: Worker, timeout: float = 30) -> None:
+    """Let the runs a test left behind end, and the worker go idle.
+
+    The database is flushed after each test; a worker still writing steps
+    then would deadlock with it on PostgreSQL.
+    """
+    deadline = time.monotonic() + timeout
+    active = Run.objects.filter(status__in=ACTIVE_RUN_STATUSES)
+    while active.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for run in active:
+        cancel_run(run, by="test teardown")
+    inspect = app.control.inspect(destination=[worker.name], limit=1, timeout=2)
+    while any((inspect.active() or {}).values()) and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
 
 
 def wait_for_run(run: Run, timeout: float = 30) -> Run:

@@ -23,7 +23,7 @@ from celery.result import AsyncResult, GroupResult
 from django.db import connection
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
-from agentsite.celery import app
+from agentsite.celery import DELIVERY_HEADER, app
 from agentsite.results import ChordSafeDatabaseBackend
 from orchestration import canvas
 from orchestration.models import Run, Step
@@ -205,10 +205,12 @@ def wait_for(condition: Any, timeout: float = 10) -> Any:
 
 
 def redeliver(step: Step, upstream: Any, **options: Any) -> Any:
-    """Publish the step's message again (same task id) and return what the task returned this time."""
+    """Deliver the message that ran the step again (same task id and delivery
+    header, as after its worker died before acknowledging it) and return what
+    the task returned this time."""
     before = TaskResult.objects.get(task_id=str(step.task_id)).date_done
     signature = canvas.step_signature(step_options(step.run)[step.path])
-    signature.apply_async(args=(upstream,), **options)
+    signature.apply_async(args=(upstream,), headers={DELIVERY_HEADER: step.delivery}, **options)
     result = wait_for(
         lambda: TaskResult.objects.filter(
             task_id=str(step.task_id), date_done__gt=before, status__in=states.READY_STATES

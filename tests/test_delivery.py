@@ -1,0 +1,120 @@
+"""Nothing twice: redelivery after a killed worker process, duplicates, the redelivery cap.
+
+These kill real pool processes of the session's prefork worker (the pool
+replaces them) and count the ``effect`` skill's rows, one per application.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from agentsite.celery import app
+from orchestration import canvas
+from orchestration.models import Run, Step
+from orchestration.services import start_run
+from orchestration.spec import plan
+from skills.models import Effect
+
+from .conftest import WORKER_LOG, wait_for_run
+
+pytestmark = pytest.mark.worker
+
+
+def effect(id: str, seconds: float = 0) -> dict[str, Any]:
+    return {"skill": "effect", "id": id, "args": {"seconds": seconds}}
+
+
+def wait_until(condition: Any, timeout: float = 15) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s; see {WORKER_LOG}")
+        time.sleep(0.05)
+    return value
+
+
+def running_attempt(run: Run, key: str, attempt: int) -> Step:
+    return wait_until(lambda: run.steps.filter(key=key, status="running", attempts=attempt).first())
+
+
+def pool_pid_running(step: Step) -> int:
+    """The pid of the pool process executing the step's task (from the worker itself)."""
+
+    def find() -> int | None:
+        for tasks in (app.control.inspect(timeout=1).active() or {}).values():
+            for task in tasks:
+                if task["id"] == str(step.task_id):
+                    return int(task["worker_pid"])
+        return None
+
+    return wait_until(find)
+
+
+def effects(run: Run) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in Effect.objects.filter(run_id=run.pk).values_list("key", flat=True):
+        step_key = key.split(":", 1)[1]
+        counts[step_key] = counts.get(step_key, 0) + 1
+    return counts
+
+
+def test_every_step_message_gets_its_own_delivery_id(worker, user):
+    run = wait_for_run(start_run(owner=user, spec={"chain": [effect("a"), effect("b"), effect("c")]}))
+
+    deliveries = list(run.steps.values_list("delivery", flat=True))
+
+    assert run.status == "succeeded"
+    assert all(deliveries)
+    assert len(set(deliveries)) == 3
+
+
+def test_a_step_whose_pool_process_is_killed_runs_again_and_its_effect_counts_once(worker, user):
+    run = start_run(owner=user, spec={"chain": [effect("a"), effect("b", seconds=1.5), effect("c")]})
+    step = running_attempt(run, "b", 1)
+
+    os.kill(pool_pid_running(step), signal.SIGKILL)
+
+    run = wait_for_run(run)
+    assert run.status == "succeeded"
+    b = run.steps.get(key="b")
+    assert (b.attempts, b.redeliveries) == (2, 1)
+    assert effects(run) == {"a": 1, "b": 1, "c": 1}
+    assert run.events.filter(type="step.running", step=b, data__redelivered=True).count() == 1
+
+
+def test_a_step_that_keeps_killing_its_worker_fails_after_the_redelivery_cap(worker, user):
+    run = start_run(owner=user, spec={"chain": [effect("a"), effect("doomed", seconds=30), effect("c")]})
+    lost = settings.STEP_MAX_REDELIVERIES + 1
+
+    for attempt in range(1, lost + 1):
+        os.kill(pool_pid_running(running_attempt(run, "doomed", attempt)), signal.SIGKILL)
+
+    run = wait_for_run(run)
+    doomed = run.steps.get(key="doomed")
+    assert run.status == "failed"
+    assert doomed.status == "failed"
+    assert doomed.attempts == lost
+    assert f"its worker was lost {lost} times" in doomed.error
+    assert run.steps.get(key="c").status == "cancelled"
+    assert effects(run) == {"a": 1}
+
+
+def test_a_duplicate_message_for_a_running_step_is_dropped(worker, user):
+    spec = {"chain": [effect("a", seconds=1), effect("b")]}
+    run = start_run(owner=user, spec=spec)
+    step = running_attempt(run, "a", 1)
+    options = {p.path: canvas.StepOptions.for_step(p, step.pk, str(step.task_id)) for p in plan(spec) if p.key == "a"}
+
+    # The same step published again (a re-dispatch): a new message, not a redelivery.
+    canvas.step_signature(options[step.path]).apply_async(args=(None,))
+
+    run = wait_for_run(run)
+    assert run.status == "succeeded"
+    assert run.steps.get(key="a").attempts == 1
+    assert effects(run) == {"a": 1, "b": 1}
