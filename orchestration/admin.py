@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from collections.abc import Callable
+
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from .models import Conversation, Message, Run, RunEvent, Step, Workflow
+from . import services
+from .models import Conversation, IdempotencyKey, Message, Run, RunEvent, Step, Workflow
 
 
 class MessageInline(admin.TabularInline):
@@ -32,7 +35,7 @@ class WorkflowAdmin(admin.ModelAdmin):
 
 class StepInline(admin.TabularInline):
     model = Step
-    fields = ("key", "skill", "status", "attempts", "duration_ms", "error", "output")
+    fields = ("key", "skill", "status", "attempts", "redeliveries", "duration_ms", "error", "output")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -48,17 +51,43 @@ class RunAdmin(admin.ModelAdmin):
     list_filter = ["status", "workflow", "steps__skill"]
     search_fields = ["=id", "=conversation__id", "owner__username", "error"]
     raw_id_fields = ["owner", "conversation", "workflow"]
-    readonly_fields = ["created_at", "started_at", "finished_at", "duration_ms"]
+    readonly_fields = ["created_at", "started_at", "finished_at", "duration_ms", "replays", "republished_at"]
     date_hierarchy = "created_at"
     inlines = [StepInline]
+    actions = ["cancel_runs", "replay_runs"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
         return super().get_queryset(request).select_related("owner", "workflow")
 
+    @admin.action(description="Cancel selected runs")
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        by = request.user.get_username()
+        self._apply(request, queryset, "cancelled", lambda run: services.cancel_run(run, by=by))
+
+    @admin.action(description="Replay selected failed or cancelled runs")
+    def replay_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
+        self._apply(request, queryset, "replayed", services.replay_run)
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Run], done: str, action: Callable[[Run], None]) -> None:
+        """Apply an action to each run; report how many it applied to and why not the rest."""
+        applied, refused = 0, []
+        for run in queryset:
+            try:
+                action(run)
+            except services.Conflict as exc:
+                refused.append(str(exc))
+            else:
+                applied += 1
+        self.message_user(request, f"{applied} run(s) {done}.", messages.SUCCESS)
+        for reason in refused[:10]:
+            self.message_user(request, reason, messages.WARNING)
+        if len(refused) > 10:
+            self.message_user(request, f"... and {len(refused) - 10} more not {done}.", messages.WARNING)
+
 
 @admin.register(Step)
 class StepAdmin(admin.ModelAdmin):
-    list_display = ["id", "run", "key", "skill", "status", "attempts", "duration_ms", "started_at"]
+    list_display = ["id", "run", "key", "skill", "status", "attempts", "redeliveries", "duration_ms", "started_at"]
     list_filter = ["status", "skill", "optional"]
     search_fields = ["=id", "=run__id", "key", "=task_id"]
     raw_id_fields = ["run"]
@@ -71,3 +100,10 @@ class RunEventAdmin(admin.ModelAdmin):
     list_filter = ["type"]
     search_fields = ["=run__id"]
     raw_id_fields = ["run", "step"]
+
+
+@admin.register(IdempotencyKey)
+class IdempotencyKeyAdmin(admin.ModelAdmin):
+    list_display = ["key", "owner", "run", "created_at", "expires_at"]
+    search_fields = ["key", "owner__username", "=run__id"]
+    raw_id_fields = ["owner", "run"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from rest_framework import serializers
 
 from orchestration.models import Conversation, Message, Run, Step, Workflow
@@ -60,13 +61,23 @@ class SkillSerializer(serializers.Serializer):
     optional = serializers.BooleanField()
 
 
+def deadline_field(**kwargs: Any) -> serializers.FloatField:
+    return serializers.FloatField(
+        min_value=1,
+        max_value=settings.RUN_MAX_DEADLINE,
+        help_text="Seconds the run may take from its creation; past it, the run fails.",
+        **kwargs,
+    )
+
+
 class WorkflowSerializer(serializers.ModelSerializer):
     spec = SpecField()
     shared = serializers.SerializerMethodField()
+    deadline = deadline_field(required=False, allow_null=True)
 
     class Meta:
         model = Workflow
-        fields = ["name", "description", "spec", "shared", "created_at", "updated_at"]
+        fields = ["name", "description", "spec", "deadline", "shared", "created_at", "updated_at"]
         read_only_fields = ["created_at", "updated_at"]
 
     def get_shared(self, workflow: Workflow) -> bool:
@@ -94,6 +105,7 @@ class StepSerializer(serializers.ModelSerializer):
             "output",
             "error",
             "attempts",
+            "redeliveries",
             "retries",
             "queue",
             "soft_time_limit",
@@ -123,6 +135,8 @@ class RunSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
             "duration_ms",
+            "deadline",
+            "replays",
         ]
 
 
@@ -144,6 +158,7 @@ class WorkflowChoiceMixin(serializers.Serializer):
 
     workflow = serializers.SlugField(required=False)
     spec = SpecField(required=False)
+    deadline = deadline_field(required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "workflow" in attrs and "spec" in attrs:
@@ -168,3 +183,7 @@ class StartRunSerializer(WorkflowChoiceMixin):
 class MessageAcceptedSerializer(serializers.Serializer):
     message = MessageSerializer()
     run = RunSerializer()
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField(help_text="What is wrong.")

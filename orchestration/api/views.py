@@ -6,6 +6,7 @@ answers 404 rather than 403: its existence is not disclosed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from django.conf import settings
@@ -14,18 +15,19 @@ from django.db.models import Q, QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
 from rest_framework.generics import GenericAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from orchestration import services
-from orchestration.models import Conversation, Run, Workflow
+from orchestration.models import Conversation, MessageRole, Run, Workflow
 from skills.registry import registry
 
 from .serializers import (
     ConversationSerializer,
+    ErrorSerializer,
     MessageAcceptedSerializer,
     MessageSerializer,
     PostMessageSerializer,
@@ -122,28 +124,40 @@ class ConversationViewSet(
             page = self.paginate_queryset(conversation.messages.all())
             return self.get_paginated_response(MessageSerializer(page, many=True).data)
         data = self._validated(PostMessageSerializer, request)
-        message = services.post_message(
-            conversation=conversation,
-            content=data["content"],
-            spec=data["spec"],
-            workflow=data["workflow"],
-        )
-        body = {"message": MessageSerializer(message).data, "run": RunSerializer(message.run).data}
-        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+        def post() -> Run:
+            message = services.post_message(
+                conversation=conversation,
+                content=data["content"],
+                spec=data["spec"],
+                workflow=data["workflow"],
+                deadline=data.get("deadline"),
+            )
+            return cast(Run, message.run)
+
+        outcome = _once_per_key(request, post)
+        message = outcome.run.messages.get(role=MessageRole.USER)
+        body = {"message": MessageSerializer(message).data, "run": RunSerializer(outcome.run).data}
+        return _accepted(body, outcome)
 
     @extend_schema(request=StartRunSerializer, responses={202: RunSerializer})
     @action(detail=True, methods=["post"])
     def runs(self, request: Request, pk: str | None = None) -> Response:
         conversation = self.get_object()
         data = self._validated(StartRunSerializer, request)
-        run = services.start_run(
-            owner=conversation.owner,
-            spec=data["spec"],
-            input=data["input"],
-            conversation=conversation,
-            workflow=data["workflow"],
-        )
-        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+        def start() -> Run:
+            return services.start_run(
+                owner=conversation.owner,
+                spec=data["spec"],
+                input=data["input"],
+                conversation=conversation,
+                workflow=data["workflow"],
+                deadline=data.get("deadline"),
+            )
+
+        outcome = _once_per_key(request, start)
+        return _accepted(RunSerializer(outcome.run).data, outcome)
 
     def _validated(self, serializer_class: type, request: Request) -> dict[str, Any]:
         """Validate the body; resolve the workflow (or the default) to a spec."""
@@ -162,8 +176,46 @@ class ConversationViewSet(
         return data
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _once_per_key(request: Request, create: Callable[[], Run]) -> services.Idempotent:
+    """Create the run, or with an Idempotency-Key return the one it made before."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return services.Idempotent(run=create(), replayed=False)
+    if not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+        raise ValidationError({IDEMPOTENCY_HEADER: "must be 1 to 255 printable ASCII characters"})
+    fingerprint = services.request_fingerprint(request.method, request.path, request.data)
+    try:
+        return services.once_per_key(_user(request), key, fingerprint, create)
+    except services.KeyReused as exc:
+        raise UnprocessableEntity({IDEMPOTENCY_HEADER: str(exc)}) from exc
+
+
+def _accepted(body: Any, outcome: services.Idempotent) -> Response:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+
+class UnprocessableEntity(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "the request cannot be processed"
+    default_code = "unprocessable"
+
+
+class RunConflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "the run is not in a state that allows this"
+    default_code = "conflict"
+
+
 class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
-    """Runs with their status, output, error, timings and (in detail) steps."""
+    """Runs with their status, output, error, timings and (in detail) steps.
+
+    ``cancel`` stops an active run; ``retry`` replays a failed or cancelled one
+    from its unfinished steps, keeping the outputs of the steps that succeeded.
+    """
 
     queryset = Run.objects.select_related("workflow")
     filterset_fields = ["status", "conversation", "workflow__name"]
@@ -174,3 +226,23 @@ class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
 
     def get_serializer_class(self) -> type[BaseSerializer[Run]]:
         return RunDetailSerializer if self.action == "retrieve" else RunSerializer
+
+    @extend_schema(request=None, responses={202: RunSerializer, 409: ErrorSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        run = self.get_object()
+        try:
+            services.cancel_run(run, by=_user(request).get_username())
+        except services.Conflict as exc:
+            raise RunConflict(str(exc)) from exc
+        return Response(RunSerializer(Run.objects.get(pk=run.pk)).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: RunSerializer, 409: ErrorSerializer})
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        run = self.get_object()
+        try:
+            services.replay_run(run)
+        except services.Conflict as exc:
+            raise RunConflict(str(exc)) from exc
+        return Response(RunSerializer(Run.objects.get(pk=run.pk)).data, status=status.HTTP_202_ACCEPTED)
