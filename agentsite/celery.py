@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import before_task_publish, celeryd_after_setup, task_postrun, task_prerun
+from celery.signals import before_task_publish, celeryd_after_setup, celeryd_init, task_postrun, task_prerun
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
@@ -19,15 +21,21 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+@celeryd_init.connect
+def note_chosen_queues(sender: str, instance: Any, options: dict[str, Any], **kwargs: Any) -> None:
+    instance.agentsite_queues_chosen = bool(options.get("queues"))
+
+
 @celeryd_after_setup.connect
 def consume_skill_queues(sender: str, instance: Any, **kwargs: Any) -> None:
-    """A worker started without -Q consumes every queue a skill routes to."""
+    """A worker started without -Q consumes every queue a skill or a periodic task routes to."""
     from skills.registry import registry
 
-    queues = instance.app.amqp.queues
-    if queues.consume_from is not queues:
+    if getattr(instance, "agentsite_queues_chosen", False):
         return  # the operator chose the queues with -Q
-    for name in registry.queues():
+    queues = instance.app.amqp.queues
+    periodic = {entry.get("options", {}).get("queue") for entry in instance.app.conf.beat_schedule.values()}
+    for name in sorted({*registry.queues(), *periodic} - {None}):
         queues.select_add(name)
 
 
@@ -51,3 +59,33 @@ def mark_step_delivery(sender: str | None = None, headers: dict[str, Any] | None
     """
     if sender == "agentsite.run_step" and headers is not None:
         headers.setdefault(DELIVERY_HEADER, uuid.uuid4().hex)
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, kept alive through a broker restart.
+
+    When the broker connection drops while messages are unacknowledged,
+    Celery 5.7 closes the broken connection after ``collect()`` detached its
+    transport; closing the channel then tries to restore those messages
+    through the detached transport and raises AttributeError, which Celery
+    treats as unrecoverable: the worker exits (seen in 3 of 5 Redis restarts
+    in the chaos suite). The close is only cleanup, so its failure is logged
+    and the consumer reconnects as usual; the lost messages' runs are resumed
+    by the sweeper. Installed with ``worker_consumer``.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        connection = self.connection
+        if connection is not None:
+            connection.close = _closing_quietly(connection.close)  # type: ignore[method-assign]
+        super().on_connection_error_after_connected(exc)
+
+
+def _closing_quietly(close: Any) -> Any:
+    def close_quietly() -> None:
+        try:
+            close()
+        except AttributeError as exc:
+            logging.getLogger(__name__).warning("broker connection not closed cleanly: %r", exc)
+
+    return close_quietly

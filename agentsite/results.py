@@ -8,6 +8,9 @@ zero early and the chord body never runs (django-celery-results #177, PR
 header result is ready, and the one that sees them all ready fires the body
 and deletes the row, so a late or repeated report finds no row and does
 nothing.
+
+It also survives a database outage: a result it cannot store is logged and
+dropped (see ``_store_result``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from celery import states
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult
-from django.db import router, transaction
+from django.db import InterfaceError, OperationalError, router, transaction
 from django_celery_results.backends.database import DatabaseBackend, trigger_callback
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
@@ -27,6 +30,20 @@ log = logging.getLogger(__name__)
 
 
 class ChordSafeDatabaseBackend(DatabaseBackend):
+    def _store_result(self, task_id: str, result: Any, status: str, *args: Any, **kwargs: Any) -> Any:
+        """Store a task result; while the database is down, log and drop it.
+
+        The worker's main process stores results too (an expired or revoked
+        task, a hard time limit); an exception there stops the worker for
+        good. Our own tables say what happened to a step, and the sweeper
+        resumes runs left behind, so a lost result row is only a lost row.
+        """
+        try:
+            return super()._store_result(task_id, result, status, *args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("result of task %s (%s) not stored, the database is unavailable: %s", task_id, status, exc)
+            return result
+
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
         group_id = request.group
         if not group_id or not request.id:

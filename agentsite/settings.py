@@ -220,9 +220,16 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Redis redelivers an unacknowledged message after the visibility timeout; it
 # must outlast the longest step (and the longest retry countdown) or a slow
 # step would run twice.
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT", default=STEP_MAX_TIME_LIMIT + STEP_MAX_BACKOFF + 600),
-}
+# A step that cannot reach the database retries after at most this long.
+STEP_DB_BACKOFF_MAX = 30
+_LONGEST_HOLD = STEP_MAX_TIME_LIMIT + max(STEP_MAX_BACKOFF, STEP_DB_BACKOFF_MAX)
+BROKER_VISIBILITY_TIMEOUT = env.int("BROKER_VISIBILITY_TIMEOUT", default=_LONGEST_HOLD + 600)
+if BROKER_VISIBILITY_TIMEOUT <= _LONGEST_HOLD:
+    raise ImproperlyConfigured(
+        f"BROKER_VISIBILITY_TIMEOUT={BROKER_VISIBILITY_TIMEOUT} must exceed STEP_MAX_TIME_LIMIT plus the longest "
+        f"retry countdown ({_LONGEST_HOLD}s), or Redis would hand a running step to a second worker"
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT}
 # A web request waits at most about a second for a broker that is down; the
 # run is kept queued and the sweeper publishes it once the broker is back.
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
@@ -231,9 +238,13 @@ CELERY_BEAT_SCHEDULE = {
     "sweep": {
         "task": "agentsite.sweep",
         "schedule": SWEEP_INTERVAL,
-        "options": {"queue": "default", "expires": SWEEP_INTERVAL},
+        # Its own queue (a worker started without -Q consumes it too); a sweep
+        # that waited longer than the interval is dropped, the next one comes.
+        "options": {"queue": "sweep", "expires": SWEEP_INTERVAL},
     },
 }
+# Survives a broker restart with unacknowledged messages (agentsite/celery.py).
+CELERY_WORKER_CONSUMER = "agentsite.celery:Consumer"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost broker connection, cancel running acks-late tasks so they are
 # redelivered rather than finishing unacknowledged.

@@ -122,7 +122,7 @@ def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] 
     if done is not None:
         kwargs["done"] = done
     log.warning("step %s: database unavailable (%r); retry %s", kwargs.get("step_id"), exc, outages + 1)
-    raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, 30), exc=exc)
+    raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, settings.STEP_DB_BACKOFF_MAX), exc=exc)
 
 
 def _not_run(claim: state.Claim) -> Any:
@@ -193,7 +193,7 @@ def _message(exc: Exception) -> str:
     time_limit=60,
     autoretry_for=DATABASE_DOWN,
     retry_backoff=1,
-    retry_backoff_max=30,
+    retry_backoff_max=settings.STEP_DB_BACKOFF_MAX,
     max_retries=settings.STEP_DB_RETRIES,
 )
 def finish_run(output: Any, *, run_id: int) -> None:

@@ -104,3 +104,9 @@ def test_celery_beat_runs_the_sweeper_on_a_worker(worker, user):
     assert entry["task"] == sweep_task.name
     assert result["expired"] == [overdue.pk]
     assert wait_for_run(overdue).status == "failed"
+
+
+def test_a_worker_started_without_queues_consumes_the_sweep_queue(worker):
+    replies = app.control.inspect(destination=[worker.name], timeout=5).active_queues() or {}
+
+    assert {q["name"] for q in replies[worker.name]} == {"default", "sweep"}
