@@ -1,0 +1,126 @@
+"""Run one chaos scenario in an environment of its own.
+
+    python -m orchestration.chaos.child NAME --runs N --dir DIR
+
+Starts the scenario's redis-server (and PostgreSQL cluster), points this
+process's settings at them *before* ``django.setup()``, starts web, worker
+and beat, runs the scenario, and writes its Outcome as JSON to
+DIR/result.json (none when interrupted). Whatever it started is stopped
+before it exits, on a failure or a SIGTERM/SIGINT too. ``manage.py chaos``
+starts it; its own output is DIR/chaos.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import django
+
+from .outcome import Outcome
+from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, free_port
+from .scenarios import SCENARIOS, Scenario
+
+RESULT_FILE = "result.json"
+# Short enough that a lost message or a dead worker shows within seconds: the
+# sweeper, not Redis' visibility timeout (which must outlast the longest step
+# and is derived from STEP_MAX_TIME_LIMIT, the built-in skills' 660 s maximum
+# here), brings back what a killed worker held.
+# The environment may override each (e.g. STEP_MAX_REDELIVERIES=1 bin/chaos).
+TUNING = {
+    "SWEEP_INTERVAL": "2",
+    "RUN_STALL_AFTER": "6",
+    "STEP_LEASE_GRACE": "3",
+    "STEP_MAX_TIME_LIMIT": "660",
+    "STEP_MAX_BACKOFF": "2",
+    "WORKER_CONCURRENCY": "4",
+}
+log = logging.getLogger("chaos")
+
+
+def scenario_env(redis_url: str, database_url: str) -> dict[str, str]:
+    """The environment of every process of the scenario, this one included: its own Redis, database and port."""
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        **TUNING,
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "agentsite.settings",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "PORT": str(free_port()),
+        "WEB_ADDRESS": "127.0.0.1",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "SECRET_KEY": secrets.token_urlsafe(32),
+        "DEBUG": "0",
+        "SENTRY_DSN": "",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run(scenario: Scenario, runs: int, directory: Path) -> Outcome:
+    """Set the scenario's environment up, run it, and tear it all down."""
+    try:
+        with Supervisor(directory) as supervisor:
+            redis = RedisServer(supervisor, directory / "redis")
+            redis.start()
+            postgres = PostgresCluster(supervisor, directory / "pg") if scenario.postgres else None
+            if postgres is not None:
+                postgres.create("chaos")
+            database_url = postgres.url("chaos") if postgres else f"sqlite:///{directory / 'db.sqlite3'}"
+            os.environ.update(scenario_env(redis.url, database_url))
+            django.setup()
+            from .stack import Stack  # reads settings: only after django.setup() with the scenario's environment
+
+            stack = Stack(supervisor, scenario.name, dict(os.environ), redis, postgres)
+            stack.start()
+            return scenario.run(stack, runs)
+    except SkipScenario as skip:
+        return Outcome(scenario.name, skip=str(skip))
+    except Exception as error:  # any error fails the scenario; its traceback goes to chaos.log
+        log.exception("scenario %s failed", scenario.name)
+        return Outcome(scenario.name, problems=[f"{type(error).__name__}: {error}"])
+
+
+def _log_to_stdout() -> None:
+    """The scenario's narrative, timestamped (a handler of its own: Django's logging setup replaces the root's)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """Unwind through the Supervisor, which stops everything; a second signal must not cut that short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(SCENARIOS))
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    args = parser.parse_args()
+    _log_to_stdout()
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    started = time.monotonic()
+    outcome = run(SCENARIOS[args.name], args.runs, args.dir)
+    outcome.seconds = round(time.monotonic() - started, 1)
+    (args.dir / RESULT_FILE).write_text(json.dumps(outcome.as_dict()))
+
+
+if __name__ == "__main__":
+    main()
