@@ -112,6 +112,16 @@ def _settle(worker: Worker, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def wait_until(condition: Any, timeout: float = 15) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; fail the test otherwise."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s; see {WORKER_LOG}")
+        time.sleep(0.05)
+    return value
+
+
 def wait_for_run(run: Run, timeout: float = 30) -> Run:
     """Poll the database until the run is terminal; fail the test otherwise."""
     deadline = time.monotonic() + timeout

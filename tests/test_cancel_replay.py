@@ -12,8 +12,8 @@ from orchestration.models import Run
 from orchestration.services import start_run
 from skills.models import Effect
 
-from .conftest import wait_for_run
-from .test_delivery import effect, running_attempt, wait_until
+from .conftest import wait_for_run, wait_until
+from .test_delivery import effect, running_attempt
 
 pytestmark = pytest.mark.worker
 

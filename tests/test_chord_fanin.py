@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -30,7 +29,7 @@ from orchestration.models import Run, Step
 from orchestration.services import start_run
 from orchestration.spec import plan
 
-from .conftest import WORKER_LOG, wait_for_run
+from .conftest import wait_for_run, wait_until
 
 BODY = Signature("agentsite.collect", options={"task_id": "the-body"})
 
@@ -195,15 +194,6 @@ def step_options(run: Run) -> dict[str, canvas.StepOptions]:
     return {p.path: canvas.StepOptions.for_step(p, rows[p.path].pk, str(rows[p.path].task_id)) for p in plan(run.spec)}
 
 
-def wait_for(condition: Any, timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s; see {WORKER_LOG}")
-        time.sleep(0.05)
-    return value
-
-
 def redeliver(step: Step, upstream: Any, **options: Any) -> Any:
     """Deliver the message that ran the step again (same task id and delivery
     header, as after its worker died before acknowledging it) and return what
@@ -211,7 +201,7 @@ def redeliver(step: Step, upstream: Any, **options: Any) -> Any:
     before = TaskResult.objects.get(task_id=str(step.task_id)).date_done
     signature = canvas.step_signature(step_options(step.run)[step.path])
     signature.apply_async(args=(upstream,), headers={DELIVERY_HEADER: step.delivery}, **options)
-    result = wait_for(
+    result = wait_until(
         lambda: TaskResult.objects.filter(
             task_id=str(step.task_id), date_done__gt=before, status__in=states.READY_STATES
         ).first()
@@ -245,7 +235,7 @@ def test_a_redelivered_header_step_does_not_fire_the_chord_body_early(worker, us
         }
     }
     run = start_run(owner=user, spec=spec, input="in")
-    fast = wait_for(lambda: run.steps.filter(key="fast", status="succeeded").first())
+    fast = wait_until(lambda: run.steps.filter(key="fast", status="succeeded").first())
     counter = ChordCounter.objects.get(sub_tasks__contains=str(fast.task_id))
     # The message Celery sent for the header step: its chord's group and body.
     built: Any = canvas.build(spec, step_options(run), run.pk)

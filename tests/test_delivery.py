@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -21,22 +20,13 @@ from orchestration.services import start_run
 from orchestration.spec import plan
 from skills.models import Effect
 
-from .conftest import WORKER_LOG, wait_for_run
+from .conftest import wait_for_run, wait_until
 
 pytestmark = pytest.mark.worker
 
 
 def effect(id: str, seconds: float = 0) -> dict[str, Any]:
     return {"skill": "effect", "id": id, "args": {"seconds": seconds}}
-
-
-def wait_until(condition: Any, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s; see {WORKER_LOG}")
-        time.sleep(0.05)
-    return value
 
 
 def running_attempt(run: Run, key: str, attempt: int) -> Step:

@@ -15,10 +15,10 @@ from orchestration.models import Run
 from orchestration.services import start_run, sweep
 from orchestration.tasks import sweep as sweep_task
 
-from .conftest import wait_for_run
+from .conftest import wait_for_run, wait_until
 from .factories import ConversationFactory, WorkflowFactory
 from .test_cancel_replay import active_task_ids, effect_rows
-from .test_delivery import effect, running_attempt, wait_until
+from .test_delivery import effect, running_attempt
 
 pytestmark = pytest.mark.worker
 

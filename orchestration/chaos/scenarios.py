@@ -60,16 +60,22 @@ def expect_all_succeeded(outcome: Outcome) -> None:
 def kill_pool_child(stack: Stack, runs: int) -> Outcome:
     """One run at a time: SIGKILL the pool child running the middle step; the run must succeed, each effect once."""
     spec = chain(effect(0, "first"), effect(1.5, "slow"), effect(0, "last"))
-    ids, kills = [], 0
-    for _ in range(runs):
-        ids.append(stack.start_run(spec))
-        kills += stack.kill_pool_child(ids[-1], "slow") is not None
-        stack.wait_terminal(ids[-1:], RUN_BOUND)
+    ids, kills = _kill_slow_step_of_each(stack, spec, runs)
     outcome = stack.outcome(ids)
     outcome.extra["kills"] = kills
     expect_all_succeeded(outcome)
     outcome.expect(kills == runs, f"{runs - kills} kills missed their step")
     return outcome
+
+
+def _kill_slow_step_of_each(stack: Stack, spec: dict[str, Any], runs: int) -> tuple[list[int], int]:
+    """Start the runs one at a time, SIGKILL the pool child running each one's "slow" step; (run ids, kills)."""
+    ids, kills = [], 0
+    for _ in range(runs):
+        ids.append(stack.start_run(spec))
+        kills += stack.kill_pool_child(ids[-1], "slow") is not None
+        stack.wait_terminal(ids[-1:], RUN_BOUND)
+    return ids, kills
 
 
 def kill_worker(stack: Stack, kills: int) -> Outcome:
@@ -92,11 +98,7 @@ def kill_chord_member(stack: Stack, runs: int) -> Outcome:
     """SIGKILL the pool child running a chord's slow header member; the body's effect must happen once per run."""
     fast = [effect(0.2, f"fast-{n}") for n in range(1, 5)]
     spec = {"chord": {"header": [*fast[:2], effect(1.5, "slow"), *fast[2:]], "body": effect(0, "body")}}
-    ids, kills = [], 0
-    for _ in range(runs):
-        ids.append(stack.start_run(spec))
-        kills += stack.kill_pool_child(ids[-1], "slow") is not None
-        stack.wait_terminal(ids[-1:], RUN_BOUND)
+    ids, kills = _kill_slow_step_of_each(stack, spec, runs)
     outcome = stack.outcome(ids)
     bodies = stack.effect_counts([f"{run_id}:body" for run_id in ids])
     outcome.extra.update(kills=kills, body_effects=sum(bodies.values()))
