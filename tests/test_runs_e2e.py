@@ -324,9 +324,10 @@ def test_a_flaky_step_with_more_failures_than_retries_fails_the_run(worker, user
 
 def test_a_step_that_waits_in_the_queue_past_its_ttl_expires_and_fails_the_run(worker, user):
     # Every worker process busy long enough that they are all busy at once,
-    # even when a loaded machine starts them a few seconds apart.
-    blockers = start_run(owner=user, spec={"group": [sleep(4, f"busy-{n}") for n in range(worker.concurrency)]})
-    wait_until(lambda: blockers.steps.filter(status="running").count() == worker.concurrency)
+    # even when a loaded machine starts them a few seconds apart (or the pool
+    # is still replacing a process an earlier test's hard time limit killed).
+    blockers = start_run(owner=user, spec={"group": [sleep(8, f"busy-{n}") for n in range(worker.concurrency)]})
+    wait_until(lambda: blockers.steps.filter(status="running").count() == worker.concurrency, timeout=20)
 
     r = run(user, {"chain": [{"skill": "echo", "id": "late", "ttl": 0.3}, {"skill": "echo", "id": "after"}]})
 
