@@ -17,7 +17,8 @@ from django.utils import timezone
 
 
 class Conversation(models.Model):
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="conversations")
+    # No index of its own (one fewer to update per write): conversation_owner_list_idx leads with it.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="conversations", db_index=False)
     title = models.CharField(max_length=200, blank=True)
     state = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -25,6 +26,10 @@ class Conversation(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        indexes = [
+            # GET /api/conversations/: a user's conversations, newest first.
+            models.Index(fields=["owner", "-id"], name="conversation_owner_list_idx"),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
@@ -67,9 +72,13 @@ def default_deadline() -> datetime:
 
 
 class Run(models.Model):
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="runs")
-    conversation = models.ForeignKey(Conversation, models.CASCADE, null=True, blank=True, related_name="runs")
-    workflow = models.ForeignKey(Workflow, models.SET_NULL, null=True, blank=True, related_name="runs")
+    # No single-column indexes on the foreign keys (one index fewer to update per write):
+    # the list indexes below lead with each of them.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="runs", db_index=False)
+    conversation = models.ForeignKey(
+        Conversation, models.CASCADE, null=True, blank=True, related_name="runs", db_index=False
+    )
+    workflow = models.ForeignKey(Workflow, models.SET_NULL, null=True, blank=True, related_name="runs", db_index=False)
     spec = models.JSONField()
     input = models.JSONField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
@@ -86,11 +95,21 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        # Each index answers one GET /api/runs/ query, its filter and its newest-first order
+        # (as a user, the owner filter comes first; staff see all).
         indexes = [
-            # GET /api/runs/?status=...: a user's runs by status, newest first.
+            # GET /api/runs/ as a user.
+            models.Index(fields=["owner", "-id"], name="run_owner_list_idx"),
+            # GET /api/runs/?status=... as a user.
             models.Index(fields=["owner", "status", "-id"], name="run_owner_status_idx"),
-            # Admin and staff list filtered by status.
+            # GET /api/runs/?status=... as staff; the admin's status filter.
             models.Index(fields=["status", "-id"], name="run_status_idx"),
+            # GET /api/runs/?conversation=... (a conversation's runs are all its owner's).
+            models.Index(fields=["conversation", "-id"], name="run_conversation_list_idx"),
+            # GET /api/runs/?workflow__name=... as a user.
+            models.Index(fields=["owner", "workflow", "-id"], name="run_owner_workflow_list_idx"),
+            # GET /api/runs/?workflow__name=... as staff.
+            models.Index(fields=["workflow", "-id"], name="run_workflow_list_idx"),
         ]
 
     def __str__(self) -> str:
@@ -119,7 +138,9 @@ class StepStatus(models.TextChoices):
 class Step(models.Model):
     """One skill invocation of a run, at one place (``path``) of its spec."""
 
-    run = models.ForeignKey(Run, models.CASCADE, related_name="steps")
+    # No index of its own (one fewer to update per write): step_run_order_idx and
+    # step_unique_key_per_run lead with it.
+    run = models.ForeignKey(Run, models.CASCADE, related_name="steps", db_index=False)
     key = models.CharField(max_length=200, help_text="The spec's step id, or its path when it has none.")
     path = models.CharField(max_length=500)
     skill = models.CharField(max_length=100)
@@ -154,6 +175,8 @@ class Step(models.Model):
         ordering = ["id"]
         constraints = [models.UniqueConstraint(fields=["run", "key"], name="step_unique_key_per_run")]
         indexes = [
+            # GET /api/runs/{id}/: a run's steps in order, without a sort.
+            models.Index(fields=["run", "id"], name="step_run_order_idx"),
             # Admin filter by skill and status.
             models.Index(fields=["skill", "status"], name="step_skill_status_idx"),
         ]
@@ -210,7 +233,8 @@ class MessageRole(models.TextChoices):
 
 
 class Message(models.Model):
-    conversation = models.ForeignKey(Conversation, models.CASCADE, related_name="messages")
+    # No index of its own (one fewer to update per write): message_conversation_list_idx leads with it.
+    conversation = models.ForeignKey(Conversation, models.CASCADE, related_name="messages", db_index=False)
     role = models.CharField(max_length=16, choices=MessageRole.choices)
     content = models.TextField()
     run = models.ForeignKey(Run, models.SET_NULL, null=True, blank=True, related_name="messages")
@@ -218,6 +242,10 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["id"]
+        indexes = [
+            # GET /api/conversations/{id}/messages/: a conversation's messages, oldest first.
+            models.Index(fields=["conversation", "id"], name="message_conversation_list_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"

@@ -163,5 +163,13 @@ def api(user: Any) -> APIClient:
 
 
 @pytest.fixture
+def staff_api(staff_user: Any) -> APIClient:
+    """An API client authenticated with ``staff_user``'s token."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(staff_user)}")
+    return client
+
+
+@pytest.fixture
 def anon() -> APIClient:
     return APIClient()

@@ -7,16 +7,9 @@ from rest_framework.test import APIClient
 
 from orchestration.models import Conversation
 
-from .factories import ConversationFactory, token_for
+from .factories import ConversationFactory
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def staff_api(staff_user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(staff_user)}")
-    return client
 
 
 def listed_ids(client: APIClient) -> list[int]:

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import factory
 import pytest
 from django.conf import settings
 
 from orchestration.models import Message, Run, Workflow
 
 from .conftest import wait_for_run
-from .factories import ConversationFactory, WorkflowFactory
+from .factories import ConversationFactory, MessageFactory, WorkflowFactory
 
 pytestmark = pytest.mark.django_db
-
-
-class MessageFactory(factory.django.DjangoModelFactory[Message]):
-    class Meta:
-        model = Message
-
-    conversation = factory.SubFactory(ConversationFactory)
-    role = "user"
-    content = factory.Sequence(lambda n: f"message {n}")
 
 
 @pytest.fixture

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import factory
 import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from orchestration.models import Run, Step
+from orchestration.models import Run
 
 from .conftest import wait_for_run
-from .factories import ConversationFactory, UserFactory, WorkflowFactory, token_for
+from .factories import ConversationFactory, RunFactory, StepFactory, WorkflowFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -23,36 +22,6 @@ CHORD = {
         "body": {"skill": "echo", "id": "collect"},
     }
 }
-
-
-class RunFactory(factory.django.DjangoModelFactory[Run]):
-    class Meta:
-        model = Run
-
-    owner = factory.SubFactory(UserFactory)
-    conversation = factory.SubFactory(ConversationFactory, owner=factory.SelfAttribute("..owner"))
-    spec = factory.LazyFunction(lambda: {"skill": "echo"})
-    input = factory.LazyFunction(dict)
-
-
-class StepFactory(factory.django.DjangoModelFactory[Step]):
-    class Meta:
-        model = Step
-
-    run = factory.SubFactory(RunFactory)
-    key = factory.Sequence(lambda n: f"step-{n}")
-    path = "spec"
-    skill = "echo"
-    soft_time_limit = 5
-    time_limit = 10
-    queue = "default"
-
-
-@pytest.fixture
-def staff_api(staff_user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(staff_user)}")
-    return client
 
 
 @pytest.fixture
