@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from types import FrameType
 import django
 
 from .outcome import Outcome
-from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, free_port
+from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, service_env
 from .scenarios import SCENARIOS, Scenario
 
 RESULT_FILE = "result.json"
@@ -48,23 +47,7 @@ log = logging.getLogger("chaos")
 
 def scenario_env(redis_url: str, database_url: str) -> dict[str, str]:
     """The environment of every process of the scenario, this one included: its own Redis, database and port."""
-    venv_bin = str(Path(sys.executable).parent)
-    return {
-        **TUNING,
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "agentsite.settings",
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "CELERY_BROKER_URL": redis_url,
-        "PORT": str(free_port()),
-        "WEB_ADDRESS": "127.0.0.1",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "SECRET_KEY": secrets.token_urlsafe(32),
-        "DEBUG": "0",
-        "SENTRY_DSN": "",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    return {**TUNING, **service_env(redis_url, database_url)}
 
 
 def run(scenario: Scenario, runs: int, directory: Path) -> Outcome:

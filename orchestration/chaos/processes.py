@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def service_env(redis_url: str, database_url: str) -> dict[str, str]:
+    """This environment, pointed at a Redis, a database and a free port of its own.
+
+    For the processes a scenario or the benchmark starts (web, workers) and
+    for the driver itself, which sets it before ``django.setup()``.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "agentsite.settings",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "PORT": str(free_port()),
+        "WEB_ADDRESS": "127.0.0.1",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "SECRET_KEY": secrets.token_urlsafe(32),
+        "DEBUG": "0",
+        "SENTRY_DSN": "",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def procfile_command(procfile: Path, name: str) -> str:

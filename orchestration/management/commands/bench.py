@@ -1,77 +1,127 @@
-"""Measure end-to-end run latency and throughput against running workers.
+"""``manage.py bench``: agentsite against raw Celery on this machine, side by side.
 
-    python manage.py bench [--shape chain3] [--runs 50]
+    python manage.py bench [--json] [--rounds 3] [--batch 100] [--memory-runs 10000] ...
 
-Needs a worker (Procfile's `worker` line) on the same REDIS_URL and database.
-Runs are started in-process through services.start_run (the API's code path,
-minus HTTP) and waited on in the database, first one at a time (latency),
-then all at once (throughput).
+Starts what it measures itself, in a child process (``orchestration.bench.child``):
+gunicorn and a prefork worker from the Procfile's web and worker lines, and a
+raw Celery worker with the same pool and concurrency, on the Redis at
+REDIS_URL (its own database number, --redis-db, flushed first) and a fresh
+database of its own: var/bench/bench.sqlite3, or ``<name>_bench`` on the
+PostgreSQL server DATABASE_URL names. Prints a table (or, with --json, one
+JSON object); logs are in var/bench/. The method is in docs/performance.md.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from django.contrib.auth.models import User
+import psycopg
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection
+from psycopg import sql
 
-from agentsite.celery import app
-from orchestration.models import Run, RunStatus
-from orchestration.services import start_run
-
-ECHO = {"skill": "echo"}
-SHAPES: dict[str, dict[str, Any]] = {
-    "single": ECHO,
-    "chain3": {"chain": [ECHO, ECHO, ECHO]},
-    "group10": {"group": [ECHO] * 10},
-    "chord10": {"chord": {"header": [ECHO] * 10, "body": ECHO}},
-}
+from orchestration.bench.child import RESULT_FILE
+from orchestration.bench.shapes import SHAPES
+from orchestration.chaos.processes import reap_leftovers
 
 
 class Command(BaseCommand):
-    help = "Time runs of a spec shape end to end (needs a running worker)."
+    help = "Benchmark agentsite against raw Celery (starts its own web and workers; see docs/performance.md)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--shape", choices=sorted(SHAPES), default="chain3")
-        parser.add_argument("--runs", type=int, default=50)
-        parser.add_argument("--timeout", type=float, default=120)
+        parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+        parser.add_argument("--rounds", type=int, default=3, help="ours/raw rounds per shape, interleaved")
+        parser.add_argument("--batch", type=int, default=100, help="runs sent at once per round (throughput)")
+        parser.add_argument("--latency-runs", type=int, default=30, help="runs one at a time per round (latency)")
+        parser.add_argument("--memory-runs", type=int, default=10_000, help="runs between the worker RSS readings")
+        parser.add_argument("--api-rate", type=int, default=100, help="run creations per second (locust)")
+        parser.add_argument("--api-seconds", type=int, default=20)
+        parser.add_argument("--steps", type=int, default=100_000, help="steps stored before timing list and detail")
+        parser.add_argument("--reads", type=int, default=200, help="list and detail requests each")
+        parser.add_argument("--redis-db", type=int, default=12, help="the benchmark's Redis database number")
+        parser.add_argument("--dir", type=Path, help="for its logs and SQLite database (default: var/bench)")
+        parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object")
 
-    def handle(self, *args: Any, shape: str, runs: int, timeout: float, **options: Any) -> None:
-        if not app.control.ping(timeout=2):
-            raise CommandError("no Celery worker answers: start one (Procfile's worker line)")
-        owner, _ = User.objects.get_or_create(username="bench")
-        spec = SHAPES[shape]
-        latencies = [self._one(owner, spec, timeout) for _ in range(runs)]
-        started = time.perf_counter()
-        ids = [start_run(owner=owner, spec=spec, input={"n": i}).pk for i in range(runs)]
-        self._wait(ids, timeout)
-        elapsed = time.perf_counter() - started
-        failed = Run.objects.filter(pk__in=ids).exclude(status=RunStatus.SUCCEEDED).count()
-        p50, p95 = _percentile(latencies, 50), _percentile(latencies, 95)
-        self.stdout.write(f"shape={shape} runs={runs}")
-        self.stdout.write(
-            f"latency one at a time: p50={p50:.1f} ms p95={p95:.1f} ms mean={statistics.mean(latencies):.1f} ms"
+    def handle(self, *args: Any, as_json: bool, redis_db: int, dir: Path | None, **options: Any) -> None:
+        directory = (dir or Path(settings.BASE_DIR) / "var" / "bench").resolve()
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        command = [sys.executable, "-m", "orchestration.bench.child", "--dir", str(directory)]
+        command += ["--database-url", _bench_database(directory), "--redis-url", _redis_url(redis_db)]
+        command += ["--shapes", *options["shapes"]]
+        for name in ("rounds", "batch", "latency_runs", "memory_runs", "api_rate", "api_seconds", "steps", "reads"):
+            command += [f"--{name.replace('_', '-')}", str(options[name])]
+        if not as_json:
+            self.stdout.write(f"benchmarking, about 10 minutes with the defaults (logs in {directory}/) ...")
+        with (directory / "bench.log").open("wb") as log:
+            child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                child.wait()
+            finally:
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(60)
+                reap_leftovers(directory)
+        result = directory / RESULT_FILE
+        if child.returncode != 0 or not result.exists():
+            tail = (directory / "bench.log").read_text(errors="replace")[-3000:]
+            raise CommandError(f"the benchmark failed (exit {child.returncode}); end of its log:\n{tail}")
+        report = json.loads(result.read_text())
+        self.stdout.write(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _redis_url(database: int) -> str:
+    url = urlsplit(settings.REDIS_URL)
+    return urlunsplit(url._replace(path=f"/{database}"))
+
+
+def _bench_database(directory: Path) -> str:
+    """A fresh database for the benchmark, on the configured database's engine."""
+    db = settings.DATABASES["default"]
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{directory / 'bench.sqlite3'}"
+    if connection.vendor != "postgresql":
+        raise CommandError(f"the benchmark runs on SQLite or PostgreSQL, not {connection.vendor}")
+    name = f"{db['NAME']}_bench"
+    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"]}
+    if db.get("PASSWORD"):
+        params["password"] = db["PASSWORD"]
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    auth = quote(db["USER"] or "", safe="") + (f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{params['host']}:{params['port']}/{name}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'shape':<9}{'ours/s':>9}{'raw/s':>9}{'ratio':>7}{'ours p50':>10}{'ours p99':>10}{'raw p50':>9}"]
+    for shape, row in report["shapes"].items():
+        lines.append(
+            f"{shape:<9}{row['ours_per_s']:>9.1f}{row['raw_per_s']:>9.1f}{row['ratio']:>7.2f}"
+            f"{row['ours_p50_ms']:>8.1f}ms{row['ours_p99_ms']:>8.1f}ms{row['raw_p50_ms']:>7.1f}ms"
         )
-        self.stdout.write(
-            f"throughput all at once: {runs / elapsed:.1f} runs/s ({elapsed:.2f} s), not succeeded: {failed}"
-        )
-
-    def _one(self, owner: User, spec: dict[str, Any], timeout: float) -> float:
-        started = time.perf_counter()
-        run = start_run(owner=owner, spec=spec, input={"n": 0})
-        self._wait([run.pk], timeout)
-        return (time.perf_counter() - started) * 1000
-
-    def _wait(self, ids: list[int], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while Run.objects.filter(pk__in=ids, status__in=("queued", "running", "waiting")).exists():
-            if time.monotonic() > deadline:
-                raise CommandError(f"runs still active after {timeout}s")
-            time.sleep(0.002)
-
-
-def _percentile(values: list[float], pct: int) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+    api = report["api"]
+    lines += [
+        "",
+        f"database {report['database']}, worker concurrency {report['worker_concurrency']}, "
+        f"{report['machine']['cpus']} CPUs",
+        f"API run creation at {api['post_rps']:.1f}/s for {api['seconds']} s (locust): "
+        f"p50 {api['post_p50_ms']:g} ms, p99 {api['post_p99_ms']:g} ms, "
+        f"{api['requests']} requests, {api['failures']} failed",
+        f"step overhead p50 {report['step_overhead_ms_p50']:.2f} ms "
+        f"(run_step {report['step_runtime_ms_p50']:.2f} ms - raw task {report['raw_task_runtime_ms_p50']:.2f} ms)",
+        f"reads with {report['steps_stored']} steps stored: list p50 {report['list_p50_ms']} ms, "
+        f"p99 {report['list_p99_ms']} ms (?status= p99 {report['list_filtered_p99_ms']} ms); "
+        f"detail p50 {report['detail_p50_ms']} ms, p99 {report['detail_p99_ms']} ms",
+        f"worker RSS {report['worker_rss_before_mb']} MB before, {report['worker_rss_mb']} MB after "
+        f"{report['memory_runs']} runs",
+        f"took {report['seconds']} s",
+    ]
+    return "\n".join(lines)

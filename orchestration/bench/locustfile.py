@@ -1,0 +1,27 @@
+"""Locust user for ``manage.py bench``: each user creates one run per second.
+
+With N users that is N run creations per second, whatever the response time
+(up to a second). The bench passes BENCH_TOKEN and BENCH_RUNS_PATH.
+"""
+
+from __future__ import annotations
+
+import os
+
+from locust import FastHttpUser, constant_throughput, task
+
+BODY = {"spec": {"skill": "echo"}, "input": {"question": "hello"}}
+
+
+class RunCreator(FastHttpUser):
+    wait_time = constant_throughput(1)
+
+    def on_start(self) -> None:
+        self.headers = {"Authorization": f"Token {os.environ['BENCH_TOKEN']}"}
+        self.path = os.environ["BENCH_RUNS_PATH"]
+
+    @task
+    def create_run(self) -> None:
+        with self.client.post(self.path, json=BODY, headers=self.headers, catch_response=True) as response:
+            if response.status_code != 202:
+                response.failure(f"{response.status_code}: {response.text[:200]}")

@@ -1,0 +1,290 @@
+"""The benchmark's phases; each returns its figures as a dict.
+
+Latency is from just before the request (or ``apply_async``) to the
+completion time the run stored (``Run.finished_at``; for raw Celery the
+result's ``date_done``), so how often we poll for the end does not count.
+Throughput is a batch of runs sent at once (ours by 8 HTTP clients), from
+the first send to the last completion.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from celery.result import AsyncResult, GroupResult
+from django.db.models import Max
+
+from orchestration.chaos.processes import ScenarioError
+from orchestration.models import ACTIVE_RUN_STATUSES, Run, RunStatus, Step, StepStatus
+from orchestration.services import start_run
+
+from . import raw
+from .shapes import SHAPES, percentile
+from .stack import BenchStack
+
+log = logging.getLogger("bench")
+POSTERS = 8
+RUN_TIMEOUT = 300
+
+
+@dataclass
+class ShapeSamples:
+    latency_ms: list[float] = field(default_factory=list)
+    runs: int = 0
+    seconds: float = 0.0
+
+    def add_batch(self, runs: int, seconds: float) -> None:
+        self.runs += runs
+        self.seconds += seconds
+
+    @property
+    def per_s(self) -> float:
+        return self.runs / self.seconds if self.seconds else 0.0
+
+
+# --- shapes: ours against raw, interleaved -----------------------------------
+
+
+def shapes_phase(stack: BenchStack, shapes: list[str], rounds: int, batch: int, latency_runs: int) -> dict[str, Any]:
+    """Each round measures every shape, ours then raw, so drift on a noisy machine hits both."""
+    ours = {shape: ShapeSamples() for shape in shapes}
+    theirs = {shape: ShapeSamples() for shape in shapes}
+    log_start = stack.log_size(stack.worker)
+    for round_ in range(1, rounds + 1):
+        for shape in shapes:
+            _ours_round(stack, shape, ours[shape], batch, latency_runs)
+            _raw_round(shape, theirs[shape], batch, latency_runs)
+            log.info("round %s %s: ours %.1f/s, raw %.1f/s", round_, shape, ours[shape].per_s, theirs[shape].per_s)
+    step_ms = stack.task_runtimes(stack.worker, "agentsite.run_step", log_start, stack.log_size(stack.worker))
+    noop_ms = stack.task_runtimes(stack.raw_worker, "bench.noop")
+    figures = {shape: _shape_figures(ours[shape], theirs[shape]) for shape in shapes}
+    return {
+        "shapes": figures,
+        "step_overhead_ms_p50": round(percentile(step_ms, 50) - percentile(noop_ms, 50), 2),
+        "step_runtime_ms_p50": round(percentile(step_ms, 50), 2),
+        "raw_task_runtime_ms_p50": round(percentile(noop_ms, 50), 2),
+    }
+
+
+def _shape_figures(ours: ShapeSamples, theirs: ShapeSamples) -> dict[str, float]:
+    return {
+        "ours_per_s": round(ours.per_s, 1),
+        "raw_per_s": round(theirs.per_s, 1),
+        "ratio": round(ours.per_s / theirs.per_s, 2) if theirs.per_s else 0.0,
+        "ours_p50_ms": round(percentile(ours.latency_ms, 50), 1),
+        "ours_p99_ms": round(percentile(ours.latency_ms, 99), 1),
+        "raw_p50_ms": round(percentile(theirs.latency_ms, 50), 1),
+        "raw_p99_ms": round(percentile(theirs.latency_ms, 99), 1),
+    }
+
+
+def _ours_round(stack: BenchStack, shape: str, samples: ShapeSamples, batch: int, latency_runs: int) -> None:
+    body = {"spec": SHAPES[shape], "input": {"question": "hello"}}
+    for _ in range(latency_runs):
+        sent = time.time()
+        ids = [_post_run(stack, body)]
+        samples.latency_ms.append((_finished(ids) - sent) * 1000)
+    sent = time.time()
+    with ThreadPoolExecutor(POSTERS) as posters:
+        ids = list(posters.map(lambda _: _post_run(stack, body), range(batch)))
+    samples.add_batch(batch, _finished(ids) - sent)
+
+
+def _post_run(stack: BenchStack, body: dict[str, Any]) -> int:
+    reply = stack.api.post(stack.runs_path(), body)
+    if reply.status != 202:
+        raise ScenarioError(f"POST {stack.runs_path()} answered {reply}")
+    return int(reply.body["id"])
+
+
+def _finished(ids: list[int]) -> float:
+    """Wait until these runs ended; when the last one ended (epoch seconds). They must all have succeeded."""
+    wait_runs_ended(ids)
+    runs = Run.objects.filter(pk__in=ids)
+    failed = runs.exclude(status=RunStatus.SUCCEEDED).values_list("pk", "status", "error").first()
+    if failed:
+        raise ScenarioError(f"run {failed[0]} ended {failed[1]}: {failed[2]}")
+    last = runs.aggregate(last=Max("finished_at"))["last"]
+    return float(last.timestamp())
+
+
+def wait_runs_ended(ids: list[int], timeout: float = RUN_TIMEOUT) -> None:
+    active = Run.objects.filter(pk__in=ids, status__in=ACTIVE_RUN_STATUSES)
+    interval = 0.002 if len(ids) == 1 else 0.02
+    deadline = time.monotonic() + timeout
+    while active.exists():
+        if time.monotonic() > deadline:
+            raise ScenarioError(f"{active.count()} of {len(ids)} runs still active after {timeout:g} s")
+        time.sleep(interval)
+
+
+def _raw_round(shape: str, samples: ShapeSamples, batch: int, latency_runs: int) -> None:
+    for _ in range(latency_runs):
+        sent = time.time()
+        result = raw.canvas(shape).apply_async()
+        samples.latency_ms.append((_raw_done([result]) - sent) * 1000)
+    sent = time.time()
+    results = [raw.canvas(shape).apply_async() for _ in range(batch)]
+    samples.add_batch(batch, _raw_done(results) - sent)
+
+
+def _raw_done(results: Sequence[AsyncResult | GroupResult]) -> float:
+    """Wait for these canvases' results; when the last one was stored (epoch seconds)."""
+    for result in results:
+        result.get(timeout=RUN_TIMEOUT)
+    return max(_done_at(result) for result in results)
+
+
+def _done_at(result: AsyncResult | GroupResult) -> float:
+    if isinstance(result, GroupResult):
+        return max(_done_at(child) for child in result.results or [])
+    done = result.date_done
+    if done is None:
+        raise ScenarioError(f"raw task {result.id} has no completion time")
+    if isinstance(done, str):
+        done = datetime.fromisoformat(done)
+    if done.tzinfo is None:  # Celery stores UTC
+        done = done.replace(tzinfo=UTC)
+    return float(done.timestamp())
+
+
+# --- worker memory over many runs --------------------------------------------
+
+
+def memory_phase(stack: BenchStack, runs: int, shape: str, batch: int = 500) -> dict[str, Any]:
+    """Worker RSS before and after ``runs`` runs, sent in batches (started in-process, as the API does)."""
+    assert stack.user is not None
+    before = stack.worker_rss_mb()
+    done = 0
+    while done < runs:
+        count = min(batch, runs - done)
+        ids = [start_run(owner=stack.user, spec=SHAPES[shape], input={"n": done + i}).pk for i in range(count)]
+        wait_runs_ended(ids)
+        done += count
+    after = stack.worker_rss_mb()
+    log.info("memory: worker RSS %.1f MB before, %.1f MB after %s %s runs", before, after, runs, shape)
+    return {"worker_rss_before_mb": round(before, 1), "worker_rss_mb": round(after, 1), "memory_runs": runs}
+
+
+# --- API run creation at a fixed rate (locust) -------------------------------
+
+
+def api_phase(stack: BenchStack, rate: int, seconds: int) -> dict[str, Any]:
+    """``rate`` run creations per second for ``seconds`` by locust (one user per request/s), then drain."""
+    assert stack.api.token is not None
+    prefix = stack.directory / "locust"
+    started = Run.objects.aggregate(last=Max("pk"))["last"] or 0
+    env = {
+        **stack.env,
+        "BENCH_TOKEN": stack.api.token,
+        "BENCH_RUNS_PATH": stack.runs_path(),
+    }
+    argv = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless"]
+    argv += ["--host", stack.url, "--users", str(rate), "--spawn-rate", str(rate), "--run-time", f"{seconds}s"]
+    argv += ["--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+    with (stack.directory / "locust.log").open("ab") as output:
+        subprocess.run(argv, env=env, stdout=output, stderr=subprocess.STDOUT, check=True, timeout=seconds + 120)
+    row = _aggregated_row(Path(f"{prefix}_stats.csv"))
+    wait_runs_ended(list(Run.objects.filter(pk__gt=started).values_list("pk", flat=True)))
+    return {
+        "post_rps": round(float(row["Requests/s"]), 1),
+        "post_p50_ms": float(row["50%"]),
+        "post_p99_ms": float(row["99%"]),
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "seconds": seconds,
+    }
+
+
+def _aggregated_row(path: Path) -> dict[str, str]:
+    with path.open(newline="") as stats:
+        for row in csv.DictReader(stats):
+            if row["Name"] == "Aggregated":
+                return row
+    raise ScenarioError(f"no Aggregated row in {path}")
+
+
+# --- reads with many steps stored --------------------------------------------
+
+
+def reads_phase(stack: BenchStack, steps: int, requests: int, steps_per_run: int = 10) -> dict[str, Any]:
+    """Store ``steps`` more steps (finished runs of ``steps_per_run``), then time list and detail requests."""
+    assert stack.user is not None
+    seeded = _seed(stack, steps, steps_per_run)
+    total = Step.objects.count()
+    detail_ids = seeded[:: max(1, len(seeded) // requests)][:requests]
+    lists = _timed(lambda i: stack.api.get("/api/runs/"), requests)
+    filtered = _timed(lambda i: stack.api.get("/api/runs/?status=succeeded"), requests)
+    details = _timed(lambda i: stack.api.get(f"/api/runs/{detail_ids[i % len(detail_ids)]}/"), requests)
+    return {
+        "steps_stored": total,
+        "list_p50_ms": round(percentile(lists, 50), 1),
+        "list_p99_ms": round(percentile(lists, 99), 1),
+        "list_filtered_p99_ms": round(percentile(filtered, 99), 1),
+        "detail_p50_ms": round(percentile(details, 50), 1),
+        "detail_p99_ms": round(percentile(details, 99), 1),
+    }
+
+
+def _seed(stack: BenchStack, steps: int, steps_per_run: int, chunk: int = 500) -> list[int]:
+    """Bulk-insert finished runs with their steps; their ids."""
+    ids: list[int] = []
+    now = datetime.now(UTC)
+    spec = {"chain": [{"skill": "echo"}] * steps_per_run}
+    for offset in range(0, steps // steps_per_run, chunk):
+        count = min(chunk, steps // steps_per_run - offset)
+        runs = Run.objects.bulk_create(
+            Run(
+                owner=stack.user,
+                conversation_id=stack.conversation,
+                spec=spec,
+                input={"n": offset + i},
+                output={"n": offset + i},
+                status=RunStatus.SUCCEEDED,
+                started_at=now,
+                finished_at=now,
+            )
+            for i in range(count)
+        )
+        Step.objects.bulk_create(
+            Step(
+                run=run,
+                key=str(k),
+                path=f"chain.{k}",
+                skill="echo",
+                soft_time_limit=10,
+                time_limit=15,
+                queue="default",
+                status=StepStatus.SUCCEEDED,
+                output=run.output,
+                attempts=1,
+                started_at=now,
+                finished_at=now,
+            )
+            for run in runs
+            for k in range(steps_per_run)
+        )
+        ids += [run.pk for run in runs]
+    return ids
+
+
+def _timed(request: Callable[[int], Any], count: int) -> list[float]:
+    """Milliseconds of each of ``count`` requests; each must answer 200."""
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        reply = request(i)
+        times.append((time.perf_counter() - started) * 1000)
+        if reply.status != 200:
+            raise ScenarioError(f"a read answered {reply}")
+    return times

@@ -1,0 +1,43 @@
+"""The raw Celery side of the benchmark: no-op tasks in plain Celery canvases.
+
+A Celery app of its own, with no Django: broker and result backend are the
+Redis at BENCH_RAW_REDIS_URL, its tasks go to their own queue, and
+everything else is Celery's defaults. Its worker is started as
+
+    celery -A orchestration.bench.raw worker --pool=prefork --concurrency=N
+
+with the same pool and concurrency as agentsite's worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, chain, chord, group
+from celery.canvas import Signature
+
+QUEUE = "bench-raw"
+REDIS_URL = os.environ.get("BENCH_RAW_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+app = Celery("bench-raw", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(task_default_queue=QUEUE, worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
+
+
+@app.task(name="bench.noop")
+def noop(*args: Any) -> Any:
+    """Pass the upstream value on, as the ``echo`` skill does."""
+    return args[0] if args else None
+
+
+def canvas(shape: str) -> Signature:
+    """The plain Celery canvas for a benchmark shape (see ``shapes.SHAPES``)."""
+    if shape == "single":
+        return noop.s()
+    if shape == "chain3":
+        return chain(noop.s(), noop.s(), noop.s())
+    if shape == "group10":
+        return group(noop.s() for _ in range(10))
+    if shape == "chord10":
+        return chord((noop.s() for _ in range(10)), noop.s())
+    raise ValueError(f"unknown shape {shape!r}")
