@@ -260,9 +260,12 @@ CELERY_TASK_TRACK_STARTED = False
 # unless this is set; with it, a worker process reconnects only every this
 # many tasks (plus whenever CONN_MAX_AGE or a failed health check says so).
 CELERY_DB_REUSE_MAX = 1000
-# Task events let Flower show every task as it happens.
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Task events (what Flower shows) are sent while a monitor asks for them:
+# Flower enables them on every worker when it starts and every few seconds
+# after. Always on, they cost about a fifth of a worker's time on short steps
+# (docs/performance.md). CELERY_WORKER_SEND_TASK_EVENTS=1 turns them on for good.
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
 

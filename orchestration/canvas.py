@@ -56,16 +56,39 @@ class StepOptions:
 
 
 def build(spec: dict[str, Any], steps: Mapping[str, StepOptions], run_id: int) -> Signature:
-    """The run's whole canvas: the spec, then the task that finishes the run."""
-    finish = Signature(FINISH_TASK, kwargs={"run_id": run_id}, options={"queue": CONTROL_QUEUE})
-    return chain(build_node(spec, ROOT, steps), finish)
+    """The run's whole canvas.
+
+    When the spec ends with a step (it is one, or a chain or chord whose last
+    node ends with one), that step's output is the run's and the step ends
+    the run itself (``finishes_run``): no task of its own to wait for. A spec
+    that ends with a group is followed by ``finish_run``, which joins it.
+    """
+    final = final_step(spec, ROOT)
+    canvas = build_node(spec, ROOT, steps, final)
+    if final is not None:
+        return canvas
+    return chain(canvas, Signature(FINISH_TASK, kwargs={"run_id": run_id}, options={"queue": CONTROL_QUEUE}))
 
 
-def build_node(node: dict[str, Any], path: str, steps: Mapping[str, StepOptions]) -> Signature:
+def final_step(node: dict[str, Any], path: str) -> str | None:
+    """The path of the step whose output is the node's output, or None when that is a group's list."""
     kind = node_kind(node, path)
     if kind == "step":
-        return step_signature(steps[path])
-    members = [build_node(child, child_path, steps) for child_path, child in children(node, path)]
+        return path
+    if kind == "group":
+        return None
+    last_path, last = children(node, path)[-1]  # a chain's last node, a chord's body
+    return final_step(last, last_path)
+
+
+def build_node(
+    node: dict[str, Any], path: str, steps: Mapping[str, StepOptions], final: str | None = None
+) -> Signature:
+    """The node's canvas; the step at path ``final`` (if any) finishes the run."""
+    kind = node_kind(node, path)
+    if kind == "step":
+        return step_signature(steps[path], finishes_run=path == final)
+    members = [build_node(child, child_path, steps, final) for child_path, child in children(node, path)]
     if kind == "chain":
         return chain(*members)
     if kind == "group":
@@ -74,7 +97,7 @@ def build_node(node: dict[str, Any], path: str, steps: Mapping[str, StepOptions]
     return chord([_keep_list(m) for m in header], body)
 
 
-def step_signature(options: StepOptions) -> Signature:
+def step_signature(options: StepOptions, finishes_run: bool = False) -> Signature:
     retry = {"max": options.retries, "backoff": options.backoff, "backoff_max": options.backoff_max}
     call_options: dict[str, Any] = {
         "task_id": options.task_id,
@@ -84,7 +107,10 @@ def step_signature(options: StepOptions) -> Signature:
     }
     if options.ttl is not None:
         call_options["expires"] = options.ttl
-    return Signature(STEP_TASK, kwargs={"step_id": options.step_id, "retry": retry}, options=call_options)
+    kwargs: dict[str, Any] = {"step_id": options.step_id, "retry": retry}
+    if finishes_run:
+        kwargs["finishes_run"] = True
+    return Signature(STEP_TASK, kwargs=kwargs, options=call_options)
 
 
 def _group(members: list[Signature]) -> Signature:

@@ -3,6 +3,8 @@
 Each function makes one transition with a conditional UPDATE (so a late or
 repeated caller changes nothing) and writes the matching RunEvent in the same
 transaction. They take ids, never model instances, so tasks can call them.
+A function called inside another's transaction joins it, without a
+savepoint (nothing here catches an error inside a transaction and goes on).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def claim_step(step_id: int, delivery: str) -> Claim:
     message is a duplicate and changes nothing, so a step runs once at a time
     and its successor is not run twice.
     """
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         step = Step.objects.select_related("run", "run__conversation").get(pk=step_id)
         if step.status in FINISHED_STEP_STATUSES:
             outcome = _take_over(step, delivery)
@@ -123,14 +125,18 @@ def _start_run(run_id: int, now: Any) -> None:
         record(run_id, "run.running")
 
 
-def succeed_step(step_id: int, run_id: int, output: Any, delivery: str) -> bool:
-    """Store a step's output; False if ``delivery`` no longer holds it."""
-    return _finish_step(step_id, run_id, StepStatus.SUCCEEDED, output=output, delivery=delivery)
+def succeed_step(step_id: int, run_id: int, output: Any, delivery: str, finishes_run: bool = False) -> bool:
+    """Store a step's output; False if ``delivery`` no longer holds it.
+
+    With ``finishes_run`` (the spec's last step) the run succeeds with that
+    output in the same transaction.
+    """
+    return _finish_step(step_id, run_id, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run)
 
 
-def skip_step(step_id: int, run_id: int, error: str, delivery: str) -> bool:
-    """An optional step that failed: it yields null and the run goes on."""
-    return _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error, delivery=delivery)
+def skip_step(step_id: int, run_id: int, error: str, delivery: str, finishes_run: bool = False) -> bool:
+    """An optional step that failed: it yields null and the run goes on (or, the last step, succeeds)."""
+    return _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error, delivery=delivery, finishes_run=finishes_run)
 
 
 def cancel_step(step_id: int, run_id: int, reason: str) -> None:
@@ -141,7 +147,7 @@ def cancel_step(step_id: int, run_id: int, reason: str) -> None:
 def retry_step(step_id: int, run_id: int, error: str, countdown: float) -> None:
     """The attempt failed; the step waits ``countdown`` seconds for the next."""
     lease = timezone.now() + timedelta(seconds=countdown + settings.STEP_LEASE_GRACE)
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         Step.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
             status=StepStatus.PENDING, error=error, lease_until=lease
         )
@@ -161,7 +167,7 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id
     if row is None:
         return False
     run_id, key = row
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         changed = _finish_step(step_id, run_id, status, error=error)
         if changed:
             fail_run(run_id, f"step {key} {status.replace('_', ' ')}: {error}")
@@ -169,16 +175,24 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id
 
 
 def _finish_step(
-    step_id: int, run_id: int, status: str, output: Any = None, error: str = "", delivery: str | None = None
+    step_id: int,
+    run_id: int,
+    status: str,
+    output: Any = None,
+    error: str = "",
+    delivery: str | None = None,
+    finishes_run: bool = False,
 ) -> bool:
     steps = Step.objects.filter(pk=step_id, status__in=UNFINISHED_STEP_STATUSES)
     if delivery is not None:
         steps = steps.filter(status=StepStatus.RUNNING, delivery=delivery)
     now = timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         changed = steps.update(status=status, output=output, error=error, finished_at=now, lease_until=now)
         if changed:
             record(run_id, f"step.{status}", step_id, error=error)
+            if finishes_run:
+                succeed_run(run_id, output)
     return bool(changed)
 
 
@@ -189,7 +203,7 @@ def fail_run(run_id: int, error: str) -> bool:
 
 def succeed_run(run_id: int, output: Any) -> bool:
     """End a running run with its output; its conversation gets the reply."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         ended = _end_run(run_id, RunStatus.SUCCEEDED, output=output) is not None
         if ended:
             _append_reply(run_id, output)
@@ -228,7 +242,7 @@ def _end_run(
     """
     now = timezone.now()
     waiting = (StepStatus.PENDING, StepStatus.RUNNING) if running else (StepStatus.PENDING,)
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         ended = Run.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
             status=status,
             output=output,
@@ -261,7 +275,7 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
     chord would count). False if the run is not failed or cancelled.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         replayed = Run.objects.filter(pk=run_id, status__in=REPLAYABLE_RUN_STATUSES).update(
             status=RunStatus.QUEUED,
             output=None,
@@ -308,7 +322,7 @@ def resume_run(run_id: int) -> bool:
     step gave up and failed it.
     """
     now = timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         lost = list(Step.objects.filter(run_id=run_id, status=StepStatus.RUNNING, lease_until__lt=now))
         for step in lost:
             if step.redeliveries >= settings.STEP_MAX_REDELIVERIES:
@@ -336,7 +350,7 @@ def mark_unpublished(run_id: int, error: str) -> None:
     stalled at once (its steps have no lease yet).
     """
     due = timezone.now() - timedelta(seconds=settings.RUN_STALL_AFTER + 1)
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(republished_at=due)
         record(run_id, "run.publish_failed", error=error)
 

@@ -65,8 +65,9 @@ def run_step(
     retry: dict[str, float],
     done: dict[str, Any] | None = None,
     outages: int = 0,
+    finishes_run: bool = False,
 ) -> Any:
-    """Run one step.
+    """Run one step; with ``finishes_run`` (the spec's last step) its output ends the run too.
 
     After a database outage the task retries as the same delivery (its
     headers are copied); ``done`` then carries a skill output still to store.
@@ -74,18 +75,18 @@ def run_step(
     delivery = (self.request.headers or {}).get(DELIVERY_HEADER) or str(self.request.id)
     try:
         if done is not None:
-            return _store(step_id, delivery, done["output"])
-        return _run(self, upstream, step_id, delivery, retry)
+            return _store(step_id, delivery, done["output"], finishes_run)
+        return _run(self, upstream, step_id, delivery, retry, finishes_run)
     except DATABASE_DOWN as exc:
         _retry_later(self, exc, outages)
         raise  # not reached: _retry_later raises
 
 
-def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str, float]) -> Any:
+def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str, float], finishes_run: bool) -> Any:
     claim = state.claim_step(step_id, delivery)
     step = claim.step
     if claim.outcome is not ClaimOutcome.RUN:
-        return _not_run(claim)
+        return _not_run(claim, finishes_run)
     skill = registry.get(step.skill)
     if skill is None:
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
@@ -93,19 +94,19 @@ def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str
     try:
         output = skill.func(_context(step), upstream)
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
-        return _handle_failure(task, step, delivery, exc, retry)
+        return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
-        return _store(step.pk, delivery, output, run_id=step.run_id)
+        return _store(step.pk, delivery, output, finishes_run, run_id=step.run_id)
     except DATABASE_DOWN as exc:
         # The skill's work is done: retry storing its output, never the skill.
         _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
         raise  # not reached: _retry_later raises
 
 
-def _store(step_id: int, delivery: str, output: Any, run_id: int | None = None) -> Any:
+def _store(step_id: int, delivery: str, output: Any, finishes_run: bool, run_id: int | None = None) -> Any:
     if run_id is None:
         run_id = Step.objects.values_list("run_id", flat=True).get(pk=step_id)
-    if not state.succeed_step(step_id, run_id, output, delivery):
+    if not state.succeed_step(step_id, run_id, output, delivery, finishes_run):
         raise Ignore()  # the run ended, or the sweeper gave the step to another message
     return output
 
@@ -125,15 +126,18 @@ def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] 
     raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, settings.STEP_DB_BACKOFF_MAX), exc=exc)
 
 
-def _not_run(claim: state.Claim) -> Any:
+def _not_run(claim: state.Claim, finishes_run: bool) -> Any:
     """A message that does not run the skill.
 
     A redelivered or re-published step that already finished passes its
-    stored output on; a duplicate is dropped without a trace; a step of a run
-    that ended is cancelled (if it was still waiting) and its branch stops.
+    stored output on (the last step: ends the run, if that was lost); a
+    duplicate is dropped without a trace; a step of a run that ended is
+    cancelled (if it was still waiting) and its branch stops.
     """
     step = claim.step
     if claim.outcome is ClaimOutcome.STORED:
+        if finishes_run:
+            state.succeed_run(step.run_id, step.output)
         return step.output
     if claim.outcome is ClaimOutcome.DUPLICATE:
         raise Ignore()
@@ -142,7 +146,9 @@ def _not_run(claim: state.Claim) -> Any:
     raise StepHalted(f"step {step.key}: {claim.outcome.value}")
 
 
-def _handle_failure(task: Task, step: Step, delivery: str, exc: Exception, retry: dict[str, float]) -> Any:
+def _handle_failure(
+    task: Task, step: Step, delivery: str, exc: Exception, retry: dict[str, float], finishes_run: bool
+) -> Any:
     timed_out = isinstance(exc, SoftTimeLimitExceeded)
     error = f"timed out after {step.soft_time_limit:g}s (soft limit)" if timed_out else _message(exc)
     if step.attempts <= retry["max"]:
@@ -153,7 +159,7 @@ def _handle_failure(task: Task, step: Step, delivery: str, exc: Exception, retry
         headers = {**(task.request.headers or {}), DELIVERY_HEADER: uuid.uuid4().hex}
         raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
     if step.optional:
-        if not state.skip_step(step.pk, step.run_id, error, delivery):
+        if not state.skip_step(step.pk, step.run_id, error, delivery, finishes_run):
             raise Ignore()
         return None
     state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)

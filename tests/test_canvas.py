@@ -179,19 +179,18 @@ def test_every_step_gets_the_options_of_its_own_path():
     ]
 
 
-def test_build_appends_finish_run_with_the_run_id():
+def test_the_last_step_of_a_chain_finishes_the_run():
     sig: Any = build({"chain": [ECHO, ECHO]}, options_for({"chain": [ECHO, ECHO]}), run_id=42)
 
-    assert shape(sig) == ("chain", [1, 2, FINISH_TASK])
-    finish = sig.tasks[-1]
-    assert finish.kwargs == {"run_id": 42}
-    assert finish.options == {"queue": "default"}
+    assert shape(sig) == ("chain", [1, 2])
+    assert [s.kwargs.get("finishes_run", False) for s in sig.tasks] == [False, True]
 
 
-def test_build_of_a_single_step_is_the_step_then_finish_run():
+def test_a_single_step_finishes_the_run_itself():
     sig: Any = build(ECHO, options_for(ECHO), run_id=1)
 
-    assert shape(sig) == ("chain", [1, FINISH_TASK])
+    assert shape(sig) == 1
+    assert sig.kwargs["finishes_run"] is True
 
 
 def test_build_of_a_group_hands_the_list_of_outputs_to_finish_run():
@@ -201,14 +200,26 @@ def test_build_of_a_group_hands_the_list_of_outputs_to_finish_run():
 
     assert shape(sig) == ("chord", [1, 2], FINISH_TASK)
     assert sig.body.kwargs == {"run_id": 3}
+    assert sig.body.options == {"queue": "default"}
+    assert not any(s.kwargs.get("finishes_run") for s in steps_in(sig))
 
 
-def test_build_of_a_chord_runs_finish_run_after_the_body():
+def test_the_body_of_a_chord_finishes_the_run():
     spec = {"chord": {"header": [ECHO, ECHO], "body": ECHO}}
 
     sig: Any = build(spec, options_for(spec), run_id=3)
 
-    assert shape(sig) == ("chain", [("chord", [1, 2], ("chain", [3, FINISH_TASK]))])
+    assert shape(sig) == ("chord", [1, 2], 3)
+    assert [s.kwargs.get("finishes_run", False) for s in steps_in(sig)] == [False, False, True]
+
+
+def test_a_chain_that_ends_with_a_group_is_finished_by_finish_run():
+    spec = {"chain": [ECHO, {"group": [ECHO, ECHO]}]}
+
+    sig: Any = build(spec, options_for(spec), run_id=7)
+
+    assert shape(sig) == ("chain", [1, ("chord", [2, 3], FINISH_TASK)])
+    assert not any(s.kwargs.get("finishes_run") for s in steps_in(sig))
 
 
 def test_the_canvas_survives_a_json_round_trip():
@@ -237,7 +248,7 @@ def test_the_builder_does_no_io(monkeypatch):
 
     sig: Any = build(spec, options, run_id=5)
 
-    assert shape(sig) == ("chain", [1, ("chord", [2], ("chain", [COLLECT_TASK, FINISH_TASK]))])
+    assert shape(sig) == ("chain", [1, ("chord", [2], ("chain", [COLLECT_TASK, FINISH_TASK]))])  # ends with a group
 
 
 def test_the_builder_needs_no_database():
