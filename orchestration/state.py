@@ -253,7 +253,8 @@ def _end_run(
         if not ended:
             return None
         steps = Step.objects.filter(run_id=run_id, status__in=waiting)
-        task_ids = [str(task_id) for task_id in steps.values_list("task_id", flat=True)]
+        # A run that succeeded has no step left to revoke: no query for them.
+        task_ids = [] if status == RunStatus.SUCCEEDED else [str(t) for t in steps.values_list("task_id", flat=True)]
         reason = error if running else f"not run: the run {status}"
         steps.filter(status=StepStatus.PENDING).update(
             status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now, lease_until=now

@@ -112,6 +112,12 @@ class ConversationViewSet(
     queryset = Conversation.objects.all()
     serializer_class = ConversationSerializer
 
+    def get_queryset(self) -> QuerySet[Conversation]:
+        conversations = super().get_queryset()
+        if self.request.method == "POST" and self.action in ("messages", "runs"):
+            return conversations.select_related("owner")  # the run's owner: a join, not a query of its own
+        return conversations
+
     def perform_create(self, serializer: BaseSerializer[Conversation]) -> None:
         serializer.save(owner=self.request.user)
 

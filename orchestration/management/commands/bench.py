@@ -13,10 +13,13 @@ JSON object); logs are in var/bench/. The method is in docs/performance.md.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -51,6 +54,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, as_json: bool, redis_db: int, dir: Path | None, **options: Any) -> None:
         directory = (dir or Path(settings.BASE_DIR) / "var" / "bench").resolve()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with _only_one(directory.with_name(f"{directory.name}.lock")):
+            self._bench(directory, as_json, redis_db, options)
+
+    def _bench(self, directory: Path, as_json: bool, redis_db: int, options: dict[str, Any]) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         command = [sys.executable, "-m", "orchestration.bench.child", "--dir", str(directory)]
@@ -75,6 +83,17 @@ class Command(BaseCommand):
             raise CommandError(f"the benchmark failed (exit {child.returncode}); end of its log:\n{tail}")
         report = json.loads(result.read_text())
         self.stdout.write(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@contextmanager
+def _only_one(lock_path: Path) -> Iterator[None]:
+    """Hold the benchmark's lock: a second benchmark in the same directory would wreck the first."""
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CommandError(f"another benchmark is running in {lock_path.with_suffix('')}") from None
+        yield
 
 
 def _redis_url(database: int) -> str:
