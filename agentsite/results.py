@@ -7,7 +7,8 @@ zero early and the chord body never runs (django-celery-results #177, PR
 #397). Here the counter row is only a lock: under it we ask whether every
 header result is ready, and the one that sees them all ready fires the body
 and deletes the row, so a late or repeated report finds no row and does
-nothing.
+nothing. A report that finds the header not yet complete (read without the
+lock) does not take it.
 
 It also survives a database outage: a result it cannot store is logged and
 dropped (see ``_store_result``), and it stores a canvas task's success only
@@ -35,6 +36,13 @@ CANVAS_TASKS = frozenset({"agentsite.run_step", "agentsite.finish_run", "agentsi
 
 
 class ChordSafeDatabaseBackend(DatabaseBackend):
+    @property
+    def TaskModel(self) -> type:
+        """The model DatabaseBackend stores results with: ours upserts (orchestration.models)."""
+        from orchestration.models import StoredTaskResult  # the app registry is ready by then
+
+        return StoredTaskResult
+
     def mark_as_done(
         self, task_id: str, result: Any, request: Any = None, store_result: bool = True, state: str = states.SUCCESS
     ) -> None:
@@ -67,6 +75,8 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
         group_id = request.group
         if not group_id or not request.id:
             return
+        if not self._header_ready(group_id):
+            return  # the common case: a later member's report fires the body
         with transaction.atomic(using=router.db_for_write(ChordCounter)):
             counter = ChordCounter.objects.select_for_update().filter(group_id=group_id).first()
             if counter is None:
@@ -88,6 +98,18 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
                 self.chord_error_from_stack(callback, exc)
             return
         trigger_callback(app=self.app, callback=callback, group_result=header)
+
+    def _header_ready(self, group_id: str) -> bool:
+        """Whether the chord's header tasks all finished, read without a lock or a transaction.
+
+        The member whose result completes the header sees them all ready (its
+        own result is stored before it reports), so only the last reports take
+        the counter row's lock; the others cost two reads.
+        """
+        counter = ChordCounter.objects.filter(group_id=group_id).first()
+        if counter is None:
+            return False
+        return all(s in states.READY_STATES for s in _states(_leaf_ids(counter.group_result(app=self.app))).values())
 
 
 def _leaf_ids(result: Any) -> list[str]:

@@ -204,7 +204,8 @@ IDEMPOTENCY_KEY_TTL = env.int("IDEMPOTENCY_KEY_TTL", default=86400)
 
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
-# django-celery-results keeps every task in the database (and so in the admin).
+# django-celery-results keeps the results a chord reads, and every failure, in the
+# database (and so in the admin); a step's output is in its Step row.
 # Our subclass makes chord fan-in count each header task once, even when a
 # redelivered task reports twice (django-celery-results #177).
 CELERY_RESULT_BACKEND = "agentsite.results:ChordSafeDatabaseBackend"

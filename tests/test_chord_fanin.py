@@ -286,3 +286,18 @@ def test_only_the_results_a_chord_reads_are_stored_and_the_last_step_ends_the_ru
     assert stored == {task_ids["h1"], task_ids["h2"]}
     # The body step ended the run in its own transaction (test_canvas: no finish_run task follows it).
     assert list(run.events.values_list("type", flat=True))[-2:] == ["step.succeeded", "run.succeeded"]
+
+
+@pytest.mark.django_db
+def test_a_result_stored_twice_is_one_row_with_the_latest_outcome():
+    task_id = str(uuid.uuid4())
+    app.backend.store_result(task_id, None, states.RETRY, traceback="first try failed")
+    times = TaskResult.objects.filter(task_id=task_id).values_list("date_created", "date_done")
+    created, first_done = times.get()
+
+    app.backend.store_result(task_id, {"answer": 42}, states.SUCCESS)
+
+    row = TaskResult.objects.get(task_id=task_id)
+    assert (row.status, json.loads(row.result), row.traceback) == (states.SUCCESS, {"answer": 42}, None)
+    assert times.get()[0] == created
+    assert times.get()[1] >= first_done
