@@ -44,6 +44,7 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
     assert report["api"]["failures"] == 0
     assert 0 < report["api"]["post_p50_ms"] <= report["api"]["post_p99_ms"]
     assert report["step_runtime_ms_p50"] > 0
+    assert "step_overhead_loaded_ms_p50" in report
     assert report["raw_task_runtime_ms_p50"] > 0
     assert report["steps_stored"] >= 2000
     assert 0 < report["list_p50_ms"] <= report["list_p99_ms"]

@@ -1,7 +1,8 @@
-"""Locust user for ``manage.py bench``: each user creates one run per second.
+"""Locust user for ``manage.py bench``: each user creates BENCH_USER_RATE runs per second.
 
-With N users that is N run creations per second, whatever the response time
-(up to a second). The bench passes BENCH_TOKEN and BENCH_RUNS_PATH.
+With N users that is N * BENCH_USER_RATE run creations per second as long as
+a response comes within 1 / BENCH_USER_RATE seconds. The bench passes
+BENCH_TOKEN, BENCH_RUNS_PATH and BENCH_USER_RATE.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ BODY = {"spec": {"skill": "echo"}, "input": {"question": "hello"}}
 
 
 class RunCreator(FastHttpUser):
-    wait_time = constant_throughput(1)
+    wait_time = constant_throughput(float(os.environ.get("BENCH_USER_RATE", "1")))
 
     def on_start(self) -> None:
         self.headers = {"Authorization": f"Token {os.environ['BENCH_TOKEN']}"}
