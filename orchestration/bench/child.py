@@ -16,17 +16,14 @@ import json
 import logging
 import os
 import platform
-import signal
-import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import django
 import redis
 
-from orchestration.chaos.processes import Supervisor, service_env
+from orchestration.chaos.processes import Supervisor, driver_setup, service_env
 
 RESULT_FILE = "result.json"
 log = logging.getLogger("bench")
@@ -75,13 +72,6 @@ def _machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    """Unwind through the Supervisor, which stops everything; a second signal must not cut that short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True)
@@ -97,13 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--reads", type=int, required=True)
     args = parser.parse_args()
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    signal.signal(signal.SIGINT, _stop_on_signal)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    driver_setup(log)
     started = time.monotonic()
     report = run(args)
     report["seconds"] = round(time.monotonic() - started, 1)

@@ -35,6 +35,7 @@ from .stack import BenchStack
 
 log = logging.getLogger("bench")
 POSTERS = 8
+SEQUENTIAL_SHAPES = ("single", "chain3")
 RUN_TIMEOUT = 300
 
 
@@ -85,9 +86,11 @@ def shapes_phase(stack: BenchStack, shapes: list[str], rounds: int, batch: int, 
     for round_ in range(1, rounds + 1):
         for shape in shapes:
             body = {"spec": SHAPES[shape], "input": {"question": "hello"}}
-            step.during(stack, step.alone, _ours_latency, stack, body, ours[shape], latency_runs)
+            # One run at a time, a step of a sequential shape runs alone; a group's run at once.
+            alone = shape in SEQUENTIAL_SHAPES
+            step.during(stack, step.alone if alone else [], _ours_latency, stack, body, ours[shape], latency_runs)
             step.during(stack, step.loaded, _ours_batch, stack, body, ours[shape], batch)
-            noop.during(stack, noop.alone, _raw_latency, shape, theirs[shape], latency_runs)
+            noop.during(stack, noop.alone if alone else [], _raw_latency, shape, theirs[shape], latency_runs)
             noop.during(stack, noop.loaded, _raw_batch, shape, theirs[shape], batch)
             log.info("round %s %s: ours %.1f/s, raw %.1f/s", round_, shape, ours[shape].per_s, theirs[shape].per_s)
     return {

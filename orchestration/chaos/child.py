@@ -16,16 +16,13 @@ import argparse
 import json
 import logging
 import os
-import signal
-import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 import django
 
 from .outcome import Outcome
-from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, service_env
+from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, driver_setup, service_env
 from .scenarios import SCENARIOS, Scenario
 
 RESULT_FILE = "result.json"
@@ -74,31 +71,13 @@ def run(scenario: Scenario, runs: int, directory: Path) -> Outcome:
         return Outcome(scenario.name, problems=[f"{type(error).__name__}: {error}"])
 
 
-def _log_to_stdout() -> None:
-    """The scenario's narrative, timestamped (a handler of its own: Django's logging setup replaces the root's)."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    """Unwind through the Supervisor, which stops everything; a second signal must not cut that short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(SCENARIOS))
     parser.add_argument("--runs", type=int, required=True)
     parser.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args()
-    _log_to_stdout()
-    signal.signal(signal.SIGINT, _stop_on_signal)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    driver_setup(log)
     started = time.monotonic()
     outcome = run(SCENARIOS[args.name], args.runs, args.dir)
     outcome.seconds = round(time.monotonic() - started, 1)

@@ -10,6 +10,7 @@ them in order. Each started process group is also listed in the scenario's
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import secrets
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 import psycopg
@@ -43,6 +45,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def driver_setup(log: logging.Logger) -> None:
+    """Set up a driver process (a scenario's or the benchmark's): its narrative on stdout, and signals.
+
+    The narrative is timestamped, through a handler of its own (Django's
+    logging setup replaces the root's). SIGINT and SIGTERM unwind through the
+    Supervisor, which stops everything; a second signal must not cut that short.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def service_env(redis_url: str, database_url: str) -> dict[str, str]:

@@ -67,7 +67,7 @@ class Command(BaseCommand):
         for name in ("rounds", "batch", "latency_runs", "memory_runs", "api_rate", "api_seconds", "steps", "reads"):
             command += [f"--{name.replace('_', '-')}", str(options[name])]
         if not as_json:
-            self.stdout.write(f"benchmarking, about 10 minutes with the defaults (logs in {directory}/) ...")
+            self.stdout.write(f"benchmarking, about 5 minutes with the defaults (logs in {directory}/) ...")
         with (directory / "bench.log").open("wb") as log:
             child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
             try:
