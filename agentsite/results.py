@@ -50,7 +50,7 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
 
         Only a chord reads a canvas task's result (its header members', when
         it joins them); the step's output is in its Step row. Skipping the
-        others' rows saves a SELECT and an INSERT per task (measured in
+        others' rows saves a write per task (measured in
         docs/performance.md). Failures and other tasks are stored as before.
         """
         if request is not None and getattr(request, "task", None) in CANVAS_TASKS and not request.chord:
