@@ -272,8 +272,7 @@ class UpsertTaskResultManager(TaskResultManager):
         if "date_started" in fields:  # an expression (STARTED rows, which track_started=False never writes)
             return super().store_result(content_type, content_encoding, task_id, result, status, using=using, **fields)
         values = {"content_type": content_type, "content_encoding": content_encoding, "result": result}
-        values["status"] = status
-        values.update((name, fields.get(name)) for name in UPSERT_FIELDS)
+        values |= {"status": status, **{name: fields.get(name) for name in UPSERT_FIELDS}}
         row = self.model(task_id=task_id, **values)
         self.using(using).bulk_create(
             [row], update_conflicts=True, unique_fields=["task_id"], update_fields=[*values, "date_done"]

@@ -86,7 +86,7 @@ def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str
     claim = state.claim_step(step_id, delivery)
     step = claim.step
     if claim.outcome is not ClaimOutcome.RUN:
-        return _not_run(claim, finishes_run)
+        return _not_run(claim)
     skill = registry.get(step.skill)
     if skill is None:
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
@@ -126,18 +126,16 @@ def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] 
     raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, settings.STEP_DB_BACKOFF_MAX), exc=exc)
 
 
-def _not_run(claim: state.Claim, finishes_run: bool) -> Any:
+def _not_run(claim: state.Claim) -> Any:
     """A message that does not run the skill.
 
     A redelivered or re-published step that already finished passes its
-    stored output on (the last step: ends the run, if that was lost); a
-    duplicate is dropped without a trace; a step of a run that ended is
-    cancelled (if it was still waiting) and its branch stops.
+    stored output on (the last step ended its run when it finished, in the
+    same transaction); a duplicate is dropped without a trace; a step of a
+    run that ended is cancelled (if it was still waiting) and its branch stops.
     """
     step = claim.step
     if claim.outcome is ClaimOutcome.STORED:
-        if finishes_run:
-            state.succeed_run(step.run_id, step.output)
         return step.output
     if claim.outcome is ClaimOutcome.DUPLICATE:
         raise Ignore()

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 import redis
@@ -26,6 +25,7 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from agentsite.celery import app
+from orchestration.chaos.processes import database_url
 from orchestration.models import ACTIVE_RUN_STATUSES, Run
 from orchestration.services import cancel_run
 
@@ -42,16 +42,6 @@ class Worker:
     name: str
     concurrency: int
     process: subprocess.Popen[bytes]
-
-
-def database_url(db: dict[str, Any]) -> str:
-    """A DATABASE_URL for the database the tests are using."""
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = quote(db["USER"] or "", safe="")
-    if db.get("PASSWORD"):
-        auth += ":" + quote(db["PASSWORD"], safe="")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def _wait_until_ready(worker: Worker, timeout: float = 60) -> None:

@@ -17,7 +17,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from .conftest import database_url
+from orchestration.chaos.processes import database_url
 
 TINY = ["--shapes", "chain3", "chord10", "--rounds", "1", "--batch", "5", "--latency-runs", "3"]
 TINY += ["--memory-runs", "20", "--api-rate", "10", "--api-seconds", "3", "--steps", "2000", "--reads", "10"]

@@ -37,6 +37,7 @@ log = logging.getLogger("bench")
 POSTERS = 8
 SEQUENTIAL_SHAPES = ("single", "chain3")
 RUN_TIMEOUT = 300
+INPUT = {"question": "hello"}
 
 
 @dataclass
@@ -81,15 +82,15 @@ def shapes_phase(stack: BenchStack, shapes: list[str], rounds: int, batch: int, 
     """Each round measures every shape, ours then raw, so drift on a noisy machine hits both."""
     ours = {shape: ShapeSamples() for shape in shapes}
     theirs = {shape: ShapeSamples() for shape in shapes}
-    step = TaskRuntimes("agentsite.run_step", stack.worker)
+    step = TaskRuntimes("agentsite.run_step", stack.worker.service)
     noop = TaskRuntimes("bench.noop", stack.raw_worker)
     for round_ in range(1, rounds + 1):
         for shape in shapes:
-            body = {"spec": SHAPES[shape], "input": {"question": "hello"}}
+            spec = SHAPES[shape]
             # One run at a time, a step of a sequential shape runs alone; a group's run at once.
             alone = shape in SEQUENTIAL_SHAPES
-            step.during(stack, step.alone if alone else [], _ours_latency, stack, body, ours[shape], latency_runs)
-            step.during(stack, step.loaded, _ours_batch, stack, body, ours[shape], batch)
+            step.during(stack, step.alone if alone else [], _ours_latency, stack, spec, ours[shape], latency_runs)
+            step.during(stack, step.loaded, _ours_batch, stack, spec, ours[shape], batch)
             noop.during(stack, noop.alone if alone else [], _raw_latency, shape, theirs[shape], latency_runs)
             noop.during(stack, noop.loaded, _raw_batch, shape, theirs[shape], batch)
             log.info("round %s %s: ours %.1f/s, raw %.1f/s", round_, shape, ours[shape].per_s, theirs[shape].per_s)
@@ -115,25 +116,18 @@ def _shape_figures(ours: ShapeSamples, theirs: ShapeSamples) -> dict[str, float]
     }
 
 
-def _ours_latency(stack: BenchStack, body: dict[str, Any], samples: ShapeSamples, runs: int) -> None:
+def _ours_latency(stack: BenchStack, spec: dict[str, Any], samples: ShapeSamples, runs: int) -> None:
     for _ in range(runs):
         sent = time.time()
-        ids = [_post_run(stack, body)]
+        ids = [stack.start_run(spec, INPUT)]
         samples.latency_ms.append((_finished(ids) - sent) * 1000)
 
 
-def _ours_batch(stack: BenchStack, body: dict[str, Any], samples: ShapeSamples, runs: int) -> None:
+def _ours_batch(stack: BenchStack, spec: dict[str, Any], samples: ShapeSamples, runs: int) -> None:
     sent = time.time()
     with ThreadPoolExecutor(POSTERS) as posters:
-        ids = list(posters.map(lambda _: _post_run(stack, body), range(runs)))
+        ids = list(posters.map(lambda _: stack.start_run(spec, INPUT), range(runs)))
     samples.add_batch(runs, _finished(ids) - sent)
-
-
-def _post_run(stack: BenchStack, body: dict[str, Any]) -> int:
-    reply = stack.api.post(stack.runs_path(), body)
-    if reply.status != 202:
-        raise ScenarioError(f"POST {stack.runs_path()} answered {reply}")
-    return int(reply.body["id"])
 
 
 def _finished(ids: list[int]) -> float:
@@ -231,7 +225,8 @@ def api_phase(stack: BenchStack, rate: int, seconds: int) -> dict[str, Any]:
         "BENCH_USER_RATE": str(rate / users),
     }
     argv = [sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")), "--headless"]
-    argv += ["--host", stack.url, "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{seconds}s"]
+    argv += ["--host", stack.api.base_url, "--users", str(users), "--spawn-rate", str(users)]
+    argv += ["--run-time", f"{seconds}s"]
     argv += ["--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
     with (stack.directory / "locust.log").open("ab") as output:
         subprocess.run(argv, env=env, stdout=output, stderr=subprocess.STDOUT, check=True, timeout=seconds + 120)

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
+from urllib.parse import quote
 
 import psycopg
 import redis
@@ -67,6 +68,42 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
+
+
+def run_driver(
+    command: list[str], cwd: Path, directory: Path, log_name: str, teardown: float = 60
+) -> tuple[int, list[str]]:
+    """Run a driver process (a scenario's, the benchmark's) with its output in ``directory/log_name``.
+
+    Returns its exit code and what it left running (killed). On a Ctrl-C or
+    SIGTERM here the driver is told to stop (it stops what it started) and
+    gets ``teardown`` seconds before it is killed.
+    """
+    with (directory / log_name).open("wb") as log:
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            child.wait()
+        except BaseException:
+            child.terminate()
+            try:
+                child.wait(teardown)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        finally:
+            leftovers = reap_leftovers(directory)
+    return child.returncode, leftovers
+
+
+def database_url(db: dict[str, Any]) -> str:
+    """A DATABASE_URL for a Django database settings dict (SQLite or PostgreSQL)."""
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = quote(db["USER"] or "", safe="")
+    if db.get("PASSWORD"):
+        auth += ":" + quote(db["PASSWORD"], safe="")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def service_env(redis_url: str, database_url: str) -> dict[str, str]:

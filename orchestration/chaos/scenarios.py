@@ -156,6 +156,7 @@ def redis_restart(stack: Stack, runs: int) -> Outcome:
     poster = PacedPoster(stack.api, stack.conversation, chain(effect(0), effect(0)), runs)
     poster.start()
     wait_until(lambda: poster.answered() >= runs // 2, timeout=120)
+    assert stack.redis is not None
     stack.redis.shutdown()
     time.sleep(REDIS_OUTAGE)
     stack.redis.start()

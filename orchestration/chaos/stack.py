@@ -94,13 +94,14 @@ class Stack:
     """The scenario's Redis, database, web, worker and beat, started as the Procfile says."""
 
     worker: Worker  # the current one (start_worker)
+    role = "chaos"  # names the API user and the workers
 
     def __init__(
         self,
         supervisor: Supervisor,
         name: str,
         env: dict[str, str],
-        redis: RedisServer,
+        redis: RedisServer | None,
         postgres: PostgresCluster | None,
     ) -> None:
         self.supervisor = supervisor
@@ -114,16 +115,21 @@ class Stack:
         # Web, workers and beat that should be up: one that exited on its own is a finding.
         self.expected_up: list[Service] = []
         self.conversation = 0
+        self.user: User | None = None
 
     def start(self) -> None:
         """Migrate, make the API user, start web, a worker and beat, and open a conversation."""
-        call_command("migrate", interactive=False, verbosity=0)
-        user = User.objects.create_user("chaos")
-        self.api.token = Token.objects.create(user=user).key
+        self.make_user()
         self.start_web()
         self.start_worker()
         self.start_beat()
         self.conversation = self.api.create_conversation(self.name)
+
+    def make_user(self) -> None:
+        """Migrate, and make the API user (``self.user``) with its token."""
+        call_command("migrate", interactive=False, verbosity=0)
+        self.user = User.objects.create_user(self.role)
+        self.api.token = Token.objects.create(user=self.user).key
 
     def _start(self, name: str, process: str, extra: list[str]) -> Service:
         command = procfile_command(self.procfile, process)
@@ -140,7 +146,7 @@ class Stack:
     def start_worker(self) -> Worker:
         """Start a worker (worker-N.log) and wait until it answers a ping; it becomes ``self.worker``."""
         self.workers_started += 1
-        name = f"chaos-{self.workers_started}@localhost"
+        name = f"{self.role}-{self.workers_started}@localhost"
         service = self._start(f"worker-{self.workers_started}", "worker", ["--hostname", name])
         ready = wait_until(lambda: not service.alive() or answers_ping(name, timeout=0.5), 60)
         if not ready or not service.alive():
@@ -157,9 +163,9 @@ class Stack:
         if wait_until(lambda: not beat.alive(), 2):
             raise ScenarioError("beat exited at start; see beat.log")
 
-    def start_run(self, spec: dict[str, Any]) -> int:
+    def start_run(self, spec: dict[str, Any], input: Any = None) -> int:
         """Start a run through the API; its id."""
-        reply = self.api.start_run(self.conversation, spec)
+        reply = self.api.start_run(self.conversation, spec, input)
         if reply.status != 202:
             raise ScenarioError(f"POST runs answered {reply}")
         return int(reply.body["id"])

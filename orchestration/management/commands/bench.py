@@ -16,13 +16,12 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from django.conf import settings
@@ -32,7 +31,7 @@ from psycopg import sql
 
 from orchestration.bench.child import RESULT_FILE
 from orchestration.bench.shapes import SHAPES
-from orchestration.chaos.processes import reap_leftovers
+from orchestration.chaos.processes import database_url, run_driver
 
 
 class Command(BaseCommand):
@@ -68,19 +67,11 @@ class Command(BaseCommand):
             command += [f"--{name.replace('_', '-')}", str(options[name])]
         if not as_json:
             self.stdout.write(f"benchmarking, about 5 minutes with the defaults (logs in {directory}/) ...")
-        with (directory / "bench.log").open("wb") as log:
-            child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                child.wait()
-            finally:
-                if child.poll() is None:
-                    child.terminate()
-                    child.wait(60)
-                reap_leftovers(directory)
+        returncode, _ = run_driver(command, Path(settings.BASE_DIR), directory, "bench.log")
         result = directory / RESULT_FILE
-        if child.returncode != 0 or not result.exists():
+        if returncode != 0 or not result.exists():
             tail = (directory / "bench.log").read_text(errors="replace")[-3000:]
-            raise CommandError(f"the benchmark failed (exit {child.returncode}); end of its log:\n{tail}")
+            raise CommandError(f"the benchmark failed (exit {returncode}); end of its log:\n{tail}")
         report = json.loads(result.read_text())
         self.stdout.write(json.dumps(report, indent=2) if as_json else format_report(report))
 
@@ -108,15 +99,12 @@ def _bench_database(directory: Path) -> str:
         return f"sqlite:///{directory / 'bench.sqlite3'}"
     if connection.vendor != "postgresql":
         raise CommandError(f"the benchmark runs on SQLite or PostgreSQL, not {connection.vendor}")
-    name = f"{db['NAME']}_bench"
-    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"]}
-    if db.get("PASSWORD"):
-        params["password"] = db["PASSWORD"]
+    bench = {**db, "NAME": f"{db['NAME']}_bench", "HOST": db["HOST"] or "127.0.0.1", "PORT": db["PORT"] or 5432}
+    params = {"host": bench["HOST"], "port": bench["PORT"], "user": db["USER"], "password": db.get("PASSWORD") or None}
     with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    auth = quote(db["USER"] or "", safe="") + (f":{quote(db['PASSWORD'], safe='')}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{params['host']}:{params['port']}/{name}"
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(bench["NAME"])))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(bench["NAME"])))
+    return database_url(bench)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
@@ -27,7 +26,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from orchestration.chaos.child import RESULT_FILE
 from orchestration.chaos.outcome import Outcome
-from orchestration.chaos.processes import reap_leftovers
+from orchestration.chaos.processes import run_driver
 from orchestration.chaos.scenarios import SCENARIOS, Scenario
 
 # How long a scenario gets to stop what it started after a Ctrl-C.
@@ -76,19 +75,10 @@ def run_scenario(scenario: Scenario, runs: int | None, keep: bool) -> Outcome:
     directory.mkdir(parents=True)
     command = [sys.executable, "-m", "orchestration.chaos.child", scenario.name]
     command += ["--runs", str(runs or scenario.runs), "--dir", str(directory)]
-    with (directory / "chaos.log").open("wb") as log:
-        child = subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            child.wait()
-        except BaseException:  # Ctrl-C or SIGTERM: the child stops what it started, then we leave
-            child.terminate()
-            _wait_or_kill(child)
-            raise
-        finally:
-            leftovers = reap_leftovers(directory)
-    if child.returncode in INTERRUPTED:  # a Ctrl-C that reached the child but not us (we ignore SIGINT)
+    returncode, leftovers = run_driver(command, Path(settings.BASE_DIR), directory, "chaos.log", TEARDOWN_TIMEOUT)
+    if returncode in INTERRUPTED:  # a Ctrl-C that reached the child but not us (we ignore SIGINT)
         raise KeyboardInterrupt
-    outcome = _read_outcome(scenario, directory, child.returncode)
+    outcome = _read_outcome(scenario, directory, returncode)
     outcome.expect(not leftovers, f"left running (killed): {', '.join(leftovers)}")
     if outcome.status == "FAIL" or keep:
         outcome.logs = f"{directory.relative_to(settings.BASE_DIR)}/"
@@ -102,14 +92,6 @@ def _read_outcome(scenario: Scenario, directory: Path, returncode: int) -> Outco
         return Outcome.from_dict(json.loads((directory / RESULT_FILE).read_text()))
     except FileNotFoundError:
         return Outcome(scenario.name, problems=[f"the scenario process exited with {returncode} and no result"])
-
-
-def _wait_or_kill(child: subprocess.Popen[bytes]) -> None:
-    try:
-        child.wait(TEARDOWN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
