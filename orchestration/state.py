@@ -44,8 +44,8 @@ class ClaimOutcome(Enum):
     RUN = "run"  # it holds the step: call the skill
     STORED = "stored"  # the step finished before: pass its stored output on
     DUPLICATE = "duplicate"  # another message holds the step: change nothing
+    BUSY = "busy"  # a copy of the running holder's own message: ask again shortly
     RUN_ENDED = "run_ended"  # the run is over: stop this branch
-    GAVE_UP = "gave_up"  # its worker was lost too often: the step failed
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,23 @@ def record(run_id: int, type: str, step_id: int | None = None, error: str = "", 
     RunEvent.objects.create(run_id=run_id, step_id=step_id, type=type, data=data)
 
 
-def claim_step(step_id: int, delivery: str) -> Claim:
+def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
     """Decide what one delivery of a step's message may do, and record it.
 
     ``delivery`` identifies the task message (it survives redelivery, not
     re-publishing). The message that claims a pending step holds it
-    (``Step.delivery``): only that message may claim it again while it is
-    running (a redelivery after its worker died: counted, and capped by
-    STEP_MAX_REDELIVERIES) or pass on its stored output once it finished. A
-    finished step whose holder was cleared (a replay, or the sweeper resuming
-    a stalled run) is taken over by the first message that asks. Any other
-    message is a duplicate and changes nothing, so a step runs once at a time
-    and its successor is not run twice.
+    (``Step.delivery``) and may pass on its stored output once it finished.
+    While the step runs, no message may claim it, except the holder itself
+    retrying after a database outage (``resuming``). A copy of the holder's
+    own message (Redis hands back unacknowledged messages when a worker's
+    connection drops, and that worker stops their tasks) is BUSY: it asks
+    again shortly, by when the worker has released the step
+    (``release_lost_step``) or it finished. Once the step's lease ran out its
+    holder is gone for sure, and the copy takes the step over. A finished step
+    whose holder was cleared (a replay, or the sweeper resuming a stalled
+    run) is taken over by the first message that asks. Any other message is
+    a duplicate and changes nothing, so a step runs once at a time and its
+    successor is not run twice.
     """
     with transaction.atomic(savepoint=False):
         step = Step.objects.select_related("run", "run__conversation").get(pk=step_id)
@@ -79,25 +84,33 @@ def claim_step(step_id: int, delivery: str) -> Claim:
             outcome = _take_over(step, delivery)
         elif step.run.status not in ACTIVE_RUN_STATUSES:
             outcome = ClaimOutcome.RUN_ENDED
-        elif step.status == StepStatus.PENDING or (step.status == StepStatus.RUNNING and step.delivery == delivery):
+        elif step.status == StepStatus.PENDING or (resuming and step.delivery == delivery):
             outcome = _hold(step, delivery)
+        elif step.delivery == delivery:
+            outcome = _hold_own_copy(step, delivery)
         else:
             outcome = ClaimOutcome.DUPLICATE
     return Claim(step=step, outcome=outcome)
 
 
+def _hold_own_copy(step: Step, delivery: str) -> ClaimOutcome:
+    if step.lease_until is not None and step.lease_until > timezone.now():
+        return ClaimOutcome.BUSY
+    # Past its hard time limit and grace: the process that held it is gone.
+    release_lost_step(step.pk, delivery)
+    step.refresh_from_db(fields=["status", "redeliveries", "error"])
+    if step.status != StepStatus.PENDING:
+        return ClaimOutcome.RUN_ENDED  # it gave up, and failed the run
+    return _hold(step, delivery)
+
+
 def _hold(step: Step, delivery: str) -> ClaimOutcome:
     now = timezone.now()
-    redelivered = step.status == StepStatus.RUNNING
-    if redelivered and step.redeliveries >= settings.STEP_MAX_REDELIVERIES:
-        lost = step.redeliveries + 1
-        fail_step(step.pk, f"gave up: its worker was lost {lost} times while running it (crash or out of memory?)")
-        return ClaimOutcome.GAVE_UP
+    redelivered = step.status == StepStatus.PENDING and step.delivery == delivery
     held = Step.objects.filter(pk=step.pk, status=step.status, delivery=step.delivery).update(
         status=StepStatus.RUNNING,
         delivery=delivery,
         attempts=F("attempts") + 1,
-        redeliveries=F("redeliveries") + int(redelivered),
         started_at=Coalesce(F("started_at"), Value(now)),
         lease_until=now + timedelta(seconds=step.time_limit + settings.STEP_LEASE_GRACE),
     )
@@ -105,11 +118,36 @@ def _hold(step: Step, delivery: str) -> ClaimOutcome:
         return ClaimOutcome.DUPLICATE
     step.status, step.delivery = StepStatus.RUNNING, delivery
     step.attempts += 1
-    step.redeliveries += int(redelivered)
     if step.run.status == RunStatus.QUEUED:  # only a run's first step starts it
         _start_run(step.run_id, now)
     record(step.run_id, "step.running", step.pk, attempt=step.attempts, redelivered=redelivered)
     return ClaimOutcome.RUN
+
+
+def release_lost_step(step_id: int, delivery: str, counted: bool = True) -> bool:
+    """The process running this delivery of the step is gone; its message may come back.
+
+    The step is pending again, still held by that delivery, so the returning
+    message runs it. A ``counted`` loss (the process died) is a redelivery:
+    after STEP_MAX_REDELIVERIES the step fails instead, and its run with it,
+    so a step that keeps killing its worker does not loop. False if the
+    delivery no longer held a running step (it finished, or was taken over).
+    """
+    held = Step.objects.filter(pk=step_id, status=StepStatus.RUNNING, delivery=delivery)
+    with transaction.atomic(savepoint=False):
+        row = held.values_list("run_id", "redeliveries").first()
+        if row is None:
+            return False
+        run_id, redeliveries = row
+        if counted and redeliveries >= settings.STEP_MAX_REDELIVERIES:
+            lost = redeliveries + 1
+            error = f"gave up: its worker was lost {lost} times while running it (crash or out of memory?)"
+            return fail_step(step_id, error)
+        error = "its worker process was lost" if counted else "stopped by its worker: the broker connection was lost"
+        released = held.update(status=StepStatus.PENDING, redeliveries=F("redeliveries") + int(counted), error=error)
+        if released:
+            record(run_id, "step.released", step_id, error=error, redeliveries=redeliveries + int(counted))
+    return bool(released)
 
 
 def _take_over(step: Step, delivery: str) -> ClaimOutcome:
@@ -168,7 +206,8 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id
         return False
     run_id, key = row
     with transaction.atomic(savepoint=False):
-        changed = _finish_step(step_id, run_id, status, error=error)
+        # The task id is checked again as the step changes: a replay may give it a new one in between.
+        changed = _finish_step(step_id, run_id, status, error=error, task_id=task_id)
         if changed:
             fail_run(run_id, f"step {key} {status.replace('_', ' ')}: {error}")
     return changed
@@ -182,10 +221,13 @@ def _finish_step(
     error: str = "",
     delivery: str | None = None,
     finishes_run: bool = False,
+    task_id: str | None = None,
 ) -> bool:
     steps = Step.objects.filter(pk=step_id, status__in=UNFINISHED_STEP_STATUSES)
     if delivery is not None:
         steps = steps.filter(status=StepStatus.RUNNING, delivery=delivery)
+    if task_id is not None:
+        steps = steps.filter(task_id=task_id)
     now = timezone.now()
     with transaction.atomic(savepoint=False):
         changed = steps.update(status=status, output=output, error=error, finished_at=now, lease_until=now)

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # not in the stubs
+from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker.request import Request
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -36,9 +42,48 @@ class StepHalted(Exception):
 
 # The database is unreachable (restarting, failing over): retry the task.
 DATABASE_DOWN = (OperationalError, InterfaceError)
+# Seconds before a copy of a running step's own message asks again (state.ClaimOutcome.BUSY).
+BUSY_RECHECK = 1.0
+
+
+class StepRequest(Request):
+    """A step message as the worker's main process sees it.
+
+    When the pool process running a step is gone before the step finished,
+    the step is released, so the message may run it again when it comes
+    back: a running step is otherwise claimed by no message
+    (orchestration.state.claim_step). That is the case when the process
+    died (SIGKILL, out of memory: Celery requeues the message, and the
+    release counts toward STEP_MAX_REDELIVERIES) and when Celery stopped it
+    because the broker connection was lost (the broker hands the message
+    back, or lost it and the sweeper resumes the run).
+    """
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        self._release_if_gone(exc_info.exception)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _release_if_gone(self, exc: BaseException) -> None:
+        step_id = (self.kwargs or {}).get("step_id")
+        delivery = self.request_dict.get(DELIVERY_HEADER)
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        cancelled = getattr(self, "_already_cancelled", False)  # by Celery, on a lost broker connection
+        revoked = getattr(self, "_already_revoked", False)
+        # SystemExit and KeyboardInterrupt are how billiard reports a child that exited.
+        lost = isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)) and not (cancelled or revoked)
+        if step_id is None or not delivery or not (cancelled or lost):
+            return
+        try:
+            state.release_lost_step(step_id, delivery, counted=lost)
+        except DATABASE_DOWN as exc:
+            # The returning message finds the step still running and is dropped;
+            # the sweeper resumes the run once the step's lease has run out.
+            log.warning("step %s: not released after its worker process was gone: %r", step_id, exc)
 
 
 class StepTask(Task):
+    Request = "skills.tasks:StepRequest"
     # Expected outcomes: recorded, not logged as worker errors.
     throws = (StepHalted,)
 
@@ -76,15 +121,20 @@ def run_step(
     try:
         if done is not None:
             return _store(step_id, delivery, done["output"], finishes_run)
-        return _run(self, upstream, step_id, delivery, retry, finishes_run)
+        return _run(self, upstream, step_id, delivery, retry, finishes_run, resuming=outages > 0)
     except DATABASE_DOWN as exc:
         _retry_later(self, exc, outages)
         raise  # not reached: _retry_later raises
 
 
-def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str, float], finishes_run: bool) -> Any:
-    claim = state.claim_step(step_id, delivery)
+def _run(
+    task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str, float], finishes_run: bool, resuming: bool
+) -> Any:
+    claim = state.claim_step(step_id, delivery, resuming)
     step = claim.step
+    if claim.outcome is ClaimOutcome.BUSY:
+        # Same delivery id (the headers are copied): it is this message again.
+        raise task.retry(countdown=BUSY_RECHECK, max_retries=None)
     if claim.outcome is not ClaimOutcome.RUN:
         return _not_run(claim)
     skill = registry.get(step.skill)
@@ -96,11 +146,28 @@ def _run(task: Task, upstream: Any, step_id: int, delivery: str, retry: dict[str
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
         return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
-        return _store(step.pk, delivery, output, finishes_run, run_id=step.run_id)
+        with _terminated_only_after():
+            return _store(step.pk, delivery, output, finishes_run, run_id=step.run_id)
     except DATABASE_DOWN as exc:
         # The skill's work is done: retry storing its output, never the skill.
         _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
         raise  # not reached: _retry_later raises
+
+
+@contextmanager
+def _terminated_only_after() -> Iterator[None]:
+    """Hold SIGTERM back until the block is done.
+
+    Celery stops running steps with SIGTERM when the broker connection is
+    lost (CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS). A step
+    stopped after its skill returned but before its output was committed
+    would run its skill, and apply its effect, again.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _store(step_id: int, delivery: str, output: Any, finishes_run: bool, run_id: int | None = None) -> Any:

@@ -10,17 +10,19 @@ import os
 import signal
 from typing import Any
 
+import psutil
 import pytest
+import redis
 from django.conf import settings
 
-from agentsite.celery import app
+from agentsite.celery import DELIVERY_HEADER, app
 from orchestration import canvas
 from orchestration.models import Run, Step
 from orchestration.services import start_run
 from orchestration.spec import plan
 from skills.models import Effect
 
-from .conftest import wait_for_run, wait_until
+from .conftest import Worker, wait_for_run, wait_until
 
 pytestmark = pytest.mark.worker
 
@@ -76,6 +78,7 @@ def test_a_step_whose_pool_process_is_killed_runs_again_and_its_effect_counts_on
     assert (b.attempts, b.redeliveries) == (2, 1)
     assert effects(run) == {"a": 1, "b": 1, "c": 1}
     assert run.events.filter(type="step.running", step=b, data__redelivered=True).count() == 1
+    assert run.events.filter(type="step.released", step=b, data__redeliveries=1).count() == 1
 
 
 def test_a_step_that_keeps_killing_its_worker_fails_after_the_redelivery_cap(worker, user):
@@ -108,3 +111,45 @@ def test_a_duplicate_message_for_a_running_step_is_dropped(worker, user):
     assert run.status == "succeeded"
     assert run.steps.get(key="a").attempts == 1
     assert effects(run) == {"a": 1, "b": 1}
+
+
+def test_a_copy_of_a_running_steps_own_message_does_not_run_it_again(worker, user):
+    spec = {"chain": [effect("a", seconds=1), effect("b")]}
+    run = start_run(owner=user, spec=spec)
+    step = running_attempt(run, "a", 1)
+    options = {p.path: canvas.StepOptions.for_step(p, step.pk, str(step.task_id)) for p in plan(spec) if p.key == "a"}
+
+    # Redis hands an unacknowledged message back when a worker's connection
+    # drops, while that worker may still be running it: same delivery id. The
+    # copy waits for the step, then passes its stored output on.
+    canvas.step_signature(options[step.path]).apply_async(args=(None,), headers={DELIVERY_HEADER: step.delivery})
+
+    run = wait_for_run(run)
+    assert run.status == "succeeded"
+    assert run.steps.get(key="a").attempts == 1
+    assert effects(run) == {"a": 1, "b": 1}
+    assert not run.events.filter(type="step.released").exists()
+
+
+def drop_broker_connections(worker: Worker) -> int:
+    """Close the worker's connections to Redis from the server side (a network blip)."""
+    ports = {c.laddr.port for c in psutil.Process(worker.process.pid).net_connections(kind="tcp") if c.raddr}
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    peers = [c["id"] for c in client.client_list() if int(c["addr"].rsplit(":", 1)[1]) in ports]
+    return sum(client.client_kill_filter(_id=peer) for peer in peers)
+
+
+def test_a_step_stopped_when_its_worker_loses_the_broker_runs_again_once(worker, user):
+    run = start_run(owner=user, spec={"chain": [effect("a", seconds=2), effect("b")]})
+    running_attempt(run, "a", 1)
+
+    # Celery stops running acks-late tasks when the broker connection drops,
+    # and Redis hands their messages back.
+    assert drop_broker_connections(worker) > 0
+
+    run = wait_for_run(run)
+    assert run.status == "succeeded"
+    a = run.steps.get(key="a")
+    assert (a.attempts, a.redeliveries) == (2, 0)  # stopped by Celery: not a lost worker
+    assert effects(run) == {"a": 1, "b": 1}
+    assert run.events.filter(type="step.released", step=a).count() == 1
