@@ -201,6 +201,12 @@ STEP_MAX_REDELIVERIES = env.int("STEP_MAX_REDELIVERIES", default=3)
 STEP_DB_RETRIES = env.int("STEP_DB_RETRIES", default=40)
 # How long an Idempotency-Key is remembered (seconds).
 IDEMPOTENCY_KEY_TTL = env.int("IDEMPOTENCY_KEY_TTL", default=86400)
+# Run event streams (GET /api/runs/{id}/events/) each hold a web thread: at most
+# this many per web process (more get 503), each for at most this long (then the
+# client resumes with Last-Event-ID), with a keepalive comment this often.
+EVENTS_MAX_STREAMS = env.int("EVENTS_MAX_STREAMS", default=2)
+EVENTS_STREAM_SECONDS = env.int("EVENTS_STREAM_SECONDS", default=300)
+EVENTS_KEEPALIVE_SECONDS = env.int("EVENTS_KEEPALIVE_SECONDS", default=15)
 
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)

@@ -96,7 +96,7 @@ class StepAdmin(admin.ModelAdmin):
 
 @admin.register(RunEvent)
 class RunEventAdmin(admin.ModelAdmin):
-    list_display = ["id", "run", "type", "step", "created_at"]
+    list_display = ["id", "run", "seq", "type", "step", "created_at"]
     list_filter = ["type"]
     search_fields = ["=run__id"]
     raw_id_fields = ["run", "step"]

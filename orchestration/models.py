@@ -94,6 +94,7 @@ class Run(models.Model):
     republished_at = models.DateTimeField(
         null=True, blank=True, help_text="When its canvas was last published again (replay, or the sweeper)."
     )
+    last_event_seq = models.PositiveIntegerField(default=0, help_text="The seq of its latest RunEvent.")
 
     class Meta:
         ordering = ["-id"]
@@ -192,9 +193,16 @@ class Step(models.Model):
 
 
 class RunEvent(models.Model):
-    """An append-only record of one state change; ids grow monotonically."""
+    """An append-only record of one state change of a run or its steps.
 
-    run = models.ForeignKey(Run, models.CASCADE, related_name="events")
+    ``seq`` numbers a run's events 1, 2, 3 ... in the order they were
+    committed (orchestration.state.record), so a reader that saw event n has
+    seen every event before it: the event stream resumes after n.
+    """
+
+    # No index of its own: the (run, seq) constraint's index leads with it.
+    run = models.ForeignKey(Run, models.CASCADE, related_name="events", db_index=False)
+    seq = models.PositiveIntegerField()
     step = models.ForeignKey(Step, models.CASCADE, null=True, blank=True, related_name="events")
     type = models.CharField(max_length=50)
     data = models.JSONField(default=dict, blank=True)
@@ -202,6 +210,10 @@ class RunEvent(models.Model):
 
     class Meta:
         ordering = ["id"]
+        constraints = [
+            # GET /api/runs/{id}/events/: a run's events after a seq, in order.
+            models.UniqueConstraint(fields=["run", "seq"], name="runevent_run_seq_uniq"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.type} (run {self.run_id})"

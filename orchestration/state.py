@@ -17,11 +17,12 @@ from enum import Enum
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from . import events
 from .models import (
     ACTIVE_RUN_STATUSES,
     Message,
@@ -55,9 +56,29 @@ class Claim:
 
 
 def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> None:
+    """Write the run's next event, and announce it to its streams once committed.
+
+    Taking the next ``seq`` locks the run's row until the transaction ends,
+    so a run's events commit in ``seq`` order (orchestration.events relies
+    on it to resume a stream).
+    """
     if error:
         data["error"] = error
-    RunEvent.objects.create(run_id=run_id, step_id=step_id, type=type, data=data)
+    with transaction.atomic(savepoint=False):
+        seq = _next_event_seq(run_id)
+        RunEvent.objects.create(run_id=run_id, seq=seq, step_id=step_id, type=type, data=data)
+    transaction.on_commit(lambda: events.announce(run_id, seq))
+
+
+def _next_event_seq(run_id: int) -> int:
+    quote = connection.ops.quote_name
+    column = quote("last_event_seq")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(Run._meta.db_table)} SET {column} = {column} + 1 WHERE id = %s RETURNING {column}",
+            [run_id],
+        )
+        return int(cursor.fetchone()[0])
 
 
 def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:

@@ -125,13 +125,15 @@ def test_staff_see_every_users_pages(client, staff_user, conversation, run):
 
 
 @pytest.mark.parametrize("status", ["queued", "running", "waiting"])
-def test_the_run_page_refreshes_while_the_run_is_active(client, user, status):
+def test_the_run_page_follows_the_runs_events_while_it_is_active(client, user, status):
     run = make_run(user, status=status)
     client.force_login(user)
 
     html = client.get(reverse("pages:run-detail", args=[run.pk])).content.decode()
 
-    assert REFRESH in html
+    assert f'data-events="/api/runs/{run.pk}/events/?after={run.last_event_seq}"' in html
+    assert "new EventSource(" in html
+    assert f"<noscript>{REFRESH}</noscript>" in html
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
@@ -142,3 +144,4 @@ def test_the_run_page_stops_refreshing_once_the_run_ended(client, user, status):
     html = client.get(reverse("pages:run-detail", args=[run.pk])).content.decode()
 
     assert REFRESH not in html
+    assert "EventSource" not in html

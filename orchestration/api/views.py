@@ -6,23 +6,28 @@ answers 404 rather than 403: its existence is not disclosed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
+from django.http import StreamingHttpResponse
 from django_filters import rest_framework as filters
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
 from rest_framework.generics import GenericAPIView
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from orchestration import services
+from orchestration.events import EventStream, NoStreamSlot
 from orchestration.models import Conversation, MessageRole, Run, Workflow
 from skills.registry import registry
 
@@ -217,6 +222,37 @@ class RunConflict(APIException):
     default_code = "conflict"
 
 
+class TooManyStreams(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "this server streams as many run events as it may; retry shortly"
+    default_code = "too_many_streams"
+    wait = 2  # seconds, sent as Retry-After
+
+
+class EventStreamRenderer(BaseRenderer):
+    """Lets a client ask for ``text/event-stream``; the stream itself is a
+    StreamingHttpResponse, so this renders only errors (as JSON)."""
+
+    media_type = "text/event-stream"
+    format = "sse"
+    charset = "utf-8"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return json.dumps(data).encode()
+
+
+def last_event_id(request: Request) -> int:
+    """Where a stream resumes: the Last-Event-ID header, else ``?after=``, else the start."""
+    raw = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0"
+    try:
+        seq = int(raw)
+    except ValueError:
+        seq = -1
+    if seq < 0:
+        raise ValidationError({"Last-Event-ID": [f"must be an event id (a whole number >= 0), not {raw!r}"]})
+    return seq
+
+
 class RunFilter(filters.FilterSet):
     """The run list's filters: ``status``, ``conversation`` (an id) and ``workflow__name``."""
 
@@ -276,6 +312,33 @@ class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
         except services.Conflict as exc:
             raise RunConflict(str(exc)) from exc
         return Response(RunSerializer(Run.objects.get(pk=run.pk)).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=None,
+        parameters=[
+            OpenApiParameter("Last-Event-ID", str, OpenApiParameter.HEADER, description="Resume after this event."),
+            OpenApiParameter("after", int, description="Resume after this event (if there is no Last-Event-ID)."),
+        ],
+        responses={(200, "text/event-stream"): OpenApiTypes.STR, 503: ErrorSerializer},
+    )
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, EventStreamRenderer])
+    def events(self, request: Request, pk: str | None = None) -> StreamingHttpResponse:
+        """The run's events as Server-Sent Events, each a CloudEvents 1.0 JSON envelope.
+
+        First the stored events after Last-Event-ID, then new ones as they
+        happen; the stream ends after the run's terminal event, or after
+        EVENTS_STREAM_SECONDS (reconnect with Last-Event-ID to go on).
+        """
+        run = self.get_object()
+        after = last_event_id(request)
+        try:
+            stream = EventStream(run.pk, after)
+        except NoStreamSlot as exc:
+            raise TooManyStreams() from exc
+        response = StreamingHttpResponse(stream, content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
 
     @extend_schema(request=None, responses={202: RunSerializer, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])

@@ -1,0 +1,159 @@
+"""Run events as a live stream: CloudEvents over Server-Sent Events.
+
+Every state change writes a RunEvent (orchestration.state.record) numbered
+by ``seq`` within its run, in commit order. Once committed, the change is
+announced on the run's Redis channel; a stream subscribes to it before it
+reads the stored events, so nothing committed meanwhile is missed, and reads
+the database again only when an announcement (or a keepalive tick) comes.
+
+A stream is a bounded sync response (gunicorn gthread): at most
+EVENTS_MAX_STREAMS per web process hold a thread, each for at most
+EVENTS_STREAM_SECONDS, and then the client reconnects with Last-Event-ID
+(browsers' EventSource does so by itself) and resumes after that event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Iterator
+from functools import cache
+from typing import Any
+
+import redis
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from django.conf import settings
+
+from .models import RunEvent
+
+log = logging.getLogger(__name__)
+
+# The run's last event when it ended; a stream closes after it.
+TERMINAL_EVENT_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
+# How long a stream waits between database reads while Redis cannot announce.
+FALLBACK_POLL_SECONDS = 1.0
+RECONNECT_MS = 1000
+
+_slots = threading.BoundedSemaphore(settings.EVENTS_MAX_STREAMS)
+
+
+def channel(run_id: int) -> str:
+    return f"agentsite:run-events:{run_id}"
+
+
+@cache
+def _redis() -> redis.Redis:
+    # One client per process; redis-py's pool reconnects after a fork.
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+
+
+def announce(run_id: int, seq: int) -> None:
+    """Tell the run's streams that event ``seq`` is committed. Best effort:
+    a stream that misses it finds the event at its next keepalive read."""
+    try:
+        _redis().publish(channel(run_id), seq)
+    except redis.RedisError as exc:
+        log.debug("run %s: event %s not announced: %r", run_id, seq, exc)
+
+
+def cloudevent(event: RunEvent) -> CloudEvent:
+    """The CloudEvents 1.0 envelope of a stored event."""
+    attributes = {
+        "type": f"agentsite.{event.type}",
+        "source": f"/api/runs/{event.run_id}/",
+        "id": f"{event.run_id}-{event.seq}",
+        "time": event.created_at,
+        "subject": str(event.run_id),
+        "datacontenttype": "application/json",
+    }
+    step = {"id": event.step.pk, "key": event.step.key} if event.step is not None else None
+    return CloudEvent(attributes, {"run_id": event.run_id, "seq": event.seq, "step": step, **event.data})
+
+
+def sse_message(event: RunEvent) -> str:
+    """One Server-Sent Event: ``id`` is the event's seq, ``data`` its CloudEvent JSON."""
+    return f"id: {event.seq}\ndata: {JSONFormat().write(cloudevent(event)).decode()}\n\n"
+
+
+def events_after(run_id: int, seq: int) -> list[RunEvent]:
+    return list(RunEvent.objects.filter(run_id=run_id, seq__gt=seq).select_related("step").order_by("seq"))
+
+
+class NoStreamSlot(Exception):
+    """This web process already serves EVENTS_MAX_STREAMS streams."""
+
+
+class EventStream:
+    """The body of one events response: an iterator of SSE messages.
+
+    Holds one of the process's stream slots from creation until Django
+    closes the response (``close``), whether or not it was ever iterated.
+    """
+
+    def __init__(self, run_id: int, after: int) -> None:
+        if not _slots.acquire(blocking=False):
+            raise NoStreamSlot()
+        self._released = False
+        self._messages = _stream(run_id, after)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._messages
+
+    def close(self) -> None:
+        self._messages.close()
+        if not self._released:
+            self._released = True
+            _slots.release()
+
+
+def _stream(run_id: int, after: int) -> Generator[str, None, None]:
+    yield f"retry: {RECONNECT_MS}\n\n"
+    announcements = _subscribe(run_id)
+    deadline = time.monotonic() + settings.EVENTS_STREAM_SECONDS
+    try:
+        while True:
+            for event in events_after(run_id, after):
+                yield sse_message(event)
+                after = event.seq
+                if event.type in TERMINAL_EVENT_TYPES and not events_after(run_id, after):
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if not _wait(announcements, min(left, settings.EVENTS_KEEPALIVE_SECONDS)):
+                yield ": keepalive\n\n"
+    finally:
+        if announcements is not None:
+            announcements.close()
+
+
+def _subscribe(run_id: int) -> Any:
+    pubsub = _redis().pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(channel(run_id))
+    except redis.RedisError as exc:
+        log.warning("run %s: events stream without announcements (Redis: %r); polling", run_id, exc)
+        pubsub.close()
+        return None
+    return pubsub
+
+
+def _wait(announcements: Any, seconds: float) -> bool:
+    """Wait up to ``seconds`` for an announcement; False if none came."""
+    if announcements is None:
+        time.sleep(min(seconds, FALLBACK_POLL_SECONDS))
+        return True
+    deadline = time.monotonic() + seconds
+    try:
+        # None is a timeout, or the subscription's own confirmation (skipped).
+        while (left := deadline - time.monotonic()) > 0:
+            if announcements.get_message(timeout=left) is not None:
+                while announcements.get_message(timeout=0) is not None:
+                    pass  # several announcements: one read of the database serves them all
+                return True
+    except redis.RedisError:
+        time.sleep(min(left, FALLBACK_POLL_SECONDS))
+        return True
+    return False
