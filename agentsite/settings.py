@@ -207,6 +207,18 @@ IDEMPOTENCY_KEY_TTL = env.int("IDEMPOTENCY_KEY_TTL", default=86400)
 EVENTS_MAX_STREAMS = env.int("EVENTS_MAX_STREAMS", default=2)
 EVENTS_STREAM_SECONDS = env.int("EVENTS_STREAM_SECONDS", default=300)
 EVENTS_KEEPALIVE_SECONDS = env.int("EVENTS_KEEPALIVE_SECONDS", default=15)
+# Completion webhooks (orchestration/webhooks.py): signed with this secret (a
+# run may name a webhook only when it is set), each tried at most this often,
+# with exponential backoff up to the cap, each attempt within the timeout.
+WEBHOOK_SECRET = env.str("WEBHOOK_SECRET", default="")
+WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+WEBHOOK_BACKOFF_MAX = env.int("WEBHOOK_BACKOFF_MAX", default=300)
+WEBHOOK_TIMEOUT = env.float("WEBHOOK_TIMEOUT", default=10)
+# A pending delivery this long past its attempt lost its message: the sweeper sends it again.
+WEBHOOK_STALL_AFTER = env.int("WEBHOOK_STALL_AFTER", default=WEBHOOK_BACKOFF_MAX + 60)
+# Outbound calls (webhooks) may go to loopback and private networks: only for
+# development and tests; in production they would let a user reach internal services.
+OUTBOUND_ALLOW_PRIVATE = env.bool("OUTBOUND_ALLOW_PRIVATE", default=False)
 
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from . import services
-from .models import Conversation, IdempotencyKey, Message, Run, RunEvent, Step, Workflow
+from .models import Conversation, IdempotencyKey, Message, Run, RunEvent, Step, WebhookDelivery, Workflow
 
 
 class MessageInline(admin.TabularInline):
@@ -45,6 +46,17 @@ class StepInline(admin.TabularInline):
         return False
 
 
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = readonly_fields = ("url", "event_id", "status", "attempts", "response_status", "error", "delivered_at")
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     list_display = ["id", "owner", "workflow", "status", "created_at", "duration_ms", "error"]
@@ -53,7 +65,7 @@ class RunAdmin(admin.ModelAdmin):
     raw_id_fields = ["owner", "conversation", "workflow"]
     readonly_fields = ["created_at", "started_at", "finished_at", "duration_ms", "replays", "republished_at"]
     date_hierarchy = "created_at"
-    inlines = [StepInline]
+    inlines = [StepInline, WebhookDeliveryInline]
     actions = ["cancel_runs", "replay_runs"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
@@ -107,3 +119,12 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):
     list_display = ["key", "owner", "run", "created_at", "expires_at"]
     search_fields = ["key", "owner__username", "=run__id"]
     raw_id_fields = ["owner", "run"]
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = ["id", "run", "event_id", "status", "attempts", "response_status", "next_attempt_at", "delivered_at"]
+    list_filter = ["status"]
+    search_fields = ["=run__id", "event_id", "url"]
+    raw_id_fields = ["run"]
+    readonly_fields = ["event_id", "body", "attempts", "response_status", "error", "created_at", "delivered_at"]

@@ -23,6 +23,11 @@ class Conversation(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="conversations", db_index=False)
     title = models.CharField(max_length=200, blank=True)
     state = models.JSONField(default=dict, blank=True)
+    webhook_url = models.URLField(
+        max_length=2000,
+        blank=True,
+        help_text="Where a CloudEvent is POSTed when a run ends (a run's own, else its workflow's, else this).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -46,6 +51,11 @@ class Workflow(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, null=True, blank=True, related_name="workflows")
     deadline = models.FloatField(
         null=True, blank=True, help_text="Seconds a run may take; empty: the service default (RUN_DEFAULT_DEADLINE)."
+    )
+    webhook_url = models.URLField(
+        max_length=2000,
+        blank=True,
+        help_text="Where a CloudEvent is POSTed when a run ends (a run's own, else its workflow's, else this).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -95,6 +105,7 @@ class Run(models.Model):
         null=True, blank=True, help_text="When its canvas was last published again (replay, or the sweeper)."
     )
     last_event_seq = models.PositiveIntegerField(default=0, help_text="The seq of its latest RunEvent.")
+    webhook_url = models.URLField(max_length=2000, blank=True, help_text="Where a CloudEvent is POSTed when it ends.")
 
     class Meta:
         ordering = ["-id"]
@@ -217,6 +228,45 @@ class RunEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} (run {self.run_id})"
+
+
+class WebhookStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    DELIVERED = "delivered", "delivered"
+    FAILED = "failed", "failed"
+
+
+class WebhookDelivery(models.Model):
+    """One CloudEvent POSTed (or to be) to a run's webhook when the run ended.
+
+    ``body`` is fixed when the run ends, so every attempt sends the same
+    bytes (and the receiver can tell a repeat by the event id).
+    """
+
+    # No index of its own: webhook_run_idx leads with it.
+    run = models.ForeignKey(Run, models.CASCADE, related_name="webhook_deliveries", db_index=False)
+    url = models.URLField(max_length=2000)
+    event_id = models.CharField(max_length=64, help_text="The CloudEvent's id: the same on every attempt.")
+    body = models.TextField()
+    status = models.CharField(max_length=10, choices=WebhookStatus.choices, default=WebhookStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    response_status = models.PositiveIntegerField(null=True, blank=True, help_text="The last attempt's HTTP status.")
+    error = models.TextField(blank=True, help_text="Why the last attempt failed.")
+    next_attempt_at = models.DateTimeField(help_text="When it is (re)tried; the sweeper republishes it if lost.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # A run's deliveries (the admin, the run's detail).
+            models.Index(fields=["run", "-id"], name="webhook_run_idx"),
+            # The sweeper: pending deliveries whose attempt is overdue.
+            models.Index(fields=["status", "next_attempt_at"], name="webhook_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Webhook {self.event_id} ({self.status})"
 
 
 class IdempotencyKey(models.Model):

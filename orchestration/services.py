@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from agentsite.celery import app
 
-from . import canvas, state
+from . import canvas, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Conversation,
@@ -54,11 +54,13 @@ def start_run(
     conversation: Conversation | None = None,
     workflow: Workflow | None = None,
     deadline: float | None = None,
+    webhook_url: str = "",
 ) -> Run:
     """Insert a queued run with its pending steps; publish once committed.
 
     ``deadline`` (seconds) overrides the workflow's, which overrides
-    RUN_DEFAULT_DEADLINE. Raises SpecError for an invalid spec (nothing is
+    RUN_DEFAULT_DEADLINE; ``webhook_url`` likewise overrides the workflow's,
+    which overrides the conversation's. Raises SpecError for an invalid spec (nothing is
     written). If the broker is down the run stays queued and the sweeper
     publishes it later.
     """
@@ -72,6 +74,9 @@ def start_run(
             spec=spec,
             input=input,
             deadline=timezone.now() + timedelta(seconds=min(seconds, settings.RUN_MAX_DEADLINE)),
+            webhook_url=webhook_url
+            or (workflow.webhook_url if workflow else "")
+            or (conversation.webhook_url if conversation else ""),
         )
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))
@@ -83,7 +88,13 @@ def start_run(
 
 
 def post_message(
-    *, conversation: Conversation, content: str, spec: Any, workflow: Workflow | None, deadline: float | None = None
+    *,
+    conversation: Conversation,
+    content: str,
+    spec: Any,
+    workflow: Workflow | None,
+    deadline: float | None = None,
+    webhook_url: str = "",
 ) -> Message:
     """Store a user message and start the run that answers it."""
     with transaction.atomic():
@@ -95,6 +106,7 @@ def post_message(
             conversation=conversation,
             workflow=workflow,
             deadline=deadline,
+            webhook_url=webhook_url,
         )
         message.save(update_fields=["run"])
     return message
@@ -249,12 +261,18 @@ class SweepReport:
     expired: list[int]
     resumed: list[int]
     keys_purged: int
+    webhooks_resumed: list[int]
 
 
 def sweep() -> SweepReport:
-    """Fail runs past their deadline, resume stalled ones, forget expired keys."""
+    """Fail runs past their deadline, resume stalled ones and lost webhook deliveries, forget expired keys."""
     now = timezone.now()
-    return SweepReport(expired=expire_overdue(now), resumed=resume_stalled(now), keys_purged=purge_keys(now))
+    return SweepReport(
+        expired=expire_overdue(now),
+        resumed=resume_stalled(now),
+        keys_purged=purge_keys(now),
+        webhooks_resumed=webhooks.resume_lost(now),
+    )
 
 
 def expire_overdue(now: datetime) -> list[int]:

@@ -22,7 +22,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import events
+from . import events, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Message,
@@ -55,8 +55,8 @@ class Claim:
     outcome: ClaimOutcome
 
 
-def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> None:
-    """Write the run's next event, and announce it to its streams once committed.
+def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> int:
+    """Write the run's next event, and announce it to its streams once committed; its seq.
 
     Taking the next ``seq`` locks the run's row until the transaction ends,
     so a run's events commit in ``seq`` order (orchestration.events relies
@@ -68,6 +68,7 @@ def record(run_id: int, type: str, step_id: int | None = None, error: str = "", 
         seq = _next_event_seq(run_id)
         RunEvent.objects.create(run_id=run_id, seq=seq, step_id=step_id, type=type, data=data)
     transaction.on_commit(lambda: events.announce(run_id, seq))
+    return seq
 
 
 def _next_event_seq(run_id: int) -> int:
@@ -326,7 +327,7 @@ def _end_run(
             steps.filter(status=StepStatus.RUNNING).update(
                 status=running, error=f"stopped: {reason}", finished_at=now, lease_until=now
             )
-        record(run_id, f"run.{status}", error=error)
+        webhooks.schedule(run_id, record(run_id, f"run.{status}", error=error))
     return task_ids
 
 

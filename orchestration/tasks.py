@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any
 
 from celery import shared_task
+from django.db import InterfaceError, OperationalError
 
-from . import services
+from . import services, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +18,26 @@ log = logging.getLogger(__name__)
 def sweep() -> dict[str, Any]:
     """Fail runs past their deadline, resume stalled ones, forget expired keys."""
     report = services.sweep()
-    if report.expired or report.resumed:
-        log.warning("sweep: expired runs %s, resumed runs %s", report.expired, report.resumed)
-    return {"expired": report.expired, "resumed": report.resumed, "keys_purged": report.keys_purged}
+    if report.expired or report.resumed or report.webhooks_resumed:
+        log.warning(
+            "sweep: expired runs %s, resumed runs %s, resent webhooks %s",
+            report.expired,
+            report.resumed,
+            report.webhooks_resumed,
+        )
+    return asdict(report)
+
+
+@shared_task(
+    name=webhooks.DELIVER_TASK,
+    acks_late=True,
+    soft_time_limit=60,
+    time_limit=90,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=20,
+)
+def deliver_webhook(delivery_id: int) -> None:
+    """One attempt to POST a run's completion event (orchestration.webhooks)."""
+    webhooks.deliver(delivery_id)

@@ -82,7 +82,7 @@ def test_it_retrieves_a_conversation_with_its_state(api, user):
     assert data["id"] == conversation.pk
     assert data["title"] == conversation.title
     assert data["state"] == {"intent": "refund", "turns": 2}
-    assert set(data) == {"id", "title", "state", "created_at", "updated_at"}
+    assert set(data) == {"id", "title", "state", "webhook_url", "created_at", "updated_at"}
 
 
 def test_it_answers_404_for_another_users_conversation(api, other_user):

@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
+from orchestration import outbound
 from orchestration.models import Conversation, Message, Run, Step, Workflow
 from orchestration.spec import SpecError, plan
 
@@ -70,14 +71,30 @@ def deadline_field(**kwargs: Any) -> serializers.FloatField:
     )
 
 
+def check_webhook_url(url: str) -> None:
+    """A webhook URL this server may call (orchestration.outbound), when webhooks are on."""
+    if url and not settings.WEBHOOK_SECRET:
+        raise serializers.ValidationError("webhooks are not enabled on this server (WEBHOOK_SECRET is not set)")
+    if url:
+        try:
+            outbound.check_url(url)
+        except outbound.UnsafeURL as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+
+
+def webhook_field(**kwargs: Any) -> serializers.URLField:
+    return serializers.URLField(max_length=2000, validators=[check_webhook_url], **kwargs)
+
+
 class WorkflowSerializer(serializers.ModelSerializer):
     spec = SpecField()
     shared = serializers.SerializerMethodField()
     deadline = deadline_field(required=False, allow_null=True)
+    webhook_url = webhook_field(required=False, allow_blank=True)
 
     class Meta:
         model = Workflow
-        fields = ["name", "description", "spec", "deadline", "shared", "created_at", "updated_at"]
+        fields = ["name", "description", "spec", "deadline", "webhook_url", "shared", "created_at", "updated_at"]
         read_only_fields = ["created_at", "updated_at"]
 
     def get_shared(self, workflow: Workflow) -> bool:
@@ -85,9 +102,11 @@ class WorkflowSerializer(serializers.ModelSerializer):
 
 
 class ConversationSerializer(serializers.ModelSerializer):
+    webhook_url = webhook_field(required=False, allow_blank=True)
+
     class Meta:
         model = Conversation
-        fields = ["id", "title", "state", "created_at", "updated_at"]
+        fields = ["id", "title", "state", "webhook_url", "created_at", "updated_at"]
         read_only_fields = ["id", "state", "created_at", "updated_at"]
 
 
@@ -137,6 +156,7 @@ class RunSerializer(serializers.ModelSerializer):
             "duration_ms",
             "deadline",
             "replays",
+            "webhook_url",
         ]
 
 
@@ -159,6 +179,7 @@ class WorkflowChoiceMixin(serializers.Serializer):
     workflow = serializers.SlugField(required=False)
     spec = SpecField(required=False)
     deadline = deadline_field(required=False)
+    webhook = webhook_field(required=False, help_text="POST a CloudEvent here when the run ends.")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "workflow" in attrs and "spec" in attrs:

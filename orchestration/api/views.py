@@ -144,6 +144,7 @@ class ConversationViewSet(
                 spec=data["spec"],
                 workflow=data["workflow"],
                 deadline=data.get("deadline"),
+                webhook_url=data.get("webhook", ""),
             )
             return cast(Run, message.run)
 
@@ -166,6 +167,7 @@ class ConversationViewSet(
                 conversation=conversation,
                 workflow=data["workflow"],
                 deadline=data.get("deadline"),
+                webhook_url=data.get("webhook", ""),
             )
 
         outcome = _once_per_key(request, start)
