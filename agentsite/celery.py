@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -15,6 +16,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
 # The message header that tells one published step message from another.
 DELIVERY_HEADER = "agentsite_delivery"
+# The message header that says when it was published (Unix time), for /metrics.
+PUBLISHED_HEADER = "agentsite_published"
 
 app = Celery("agentsite")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -26,17 +29,29 @@ def note_chosen_queues(sender: str, instance: Any, options: dict[str, Any], **kw
     instance.agentsite_queues_chosen = bool(options.get("queues"))
 
 
+@celeryd_init.connect
+def keep_metrics_in_files(sender: str, **kwargs: Any) -> None:
+    """The worker's main process, before its pool forks: every process counts into files (agentsite/metrics.py)."""
+    from agentsite.metrics import start_process
+
+    start_process(f"worker-{sender}")
+
+
+def routed_queues() -> list[str]:
+    """The queues a skill or a periodic task routes to (a worker started without -Q consumes them)."""
+    from skills.registry import registry
+
+    periodic = {entry.get("options", {}).get("queue") for entry in app.conf.beat_schedule.values()}
+    return sorted({*registry.queues(), *periodic} - {None})
+
+
 @celeryd_after_setup.connect
 def consume_skill_queues(sender: str, instance: Any, **kwargs: Any) -> None:
     """A worker started without -Q consumes every queue a skill or a periodic task routes to."""
-    from skills.registry import registry
-
     if getattr(instance, "agentsite_queues_chosen", False):
         return  # the operator chose the queues with -Q
-    queues = instance.app.amqp.queues
-    periodic = {entry.get("options", {}).get("queue") for entry in instance.app.conf.beat_schedule.values()}
-    for name in sorted({*registry.queues(), *periodic} - {None}):
-        queues.select_add(name)
+    for name in routed_queues():
+        instance.app.amqp.queues.select_add(name)
 
 
 @task_prerun.connect
@@ -59,6 +74,16 @@ def mark_step_delivery(sender: str | None = None, headers: dict[str, Any] | None
     """
     if sender == "agentsite.run_step" and headers is not None:
         headers.setdefault(DELIVERY_HEADER, uuid.uuid4().hex)
+
+
+@before_task_publish.connect
+def stamp_publish_time(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Every message says when it was published (a retry: when it was published again).
+
+    /metrics reads it off the oldest message of each queue: how long work waits for a worker.
+    """
+    if headers is not None:
+        headers[PUBLISHED_HEADER] = time.time()
 
 
 class Consumer(CeleryConsumer):

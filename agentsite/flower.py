@@ -32,6 +32,8 @@ def command(address: str, port: int) -> list[str]:
 
 
 def main() -> None:
+    # Flower keeps its own Prometheus metrics in its process (its /metrics), not among agentsite's files.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     auth = os.environ.pop("FLOWER_BASIC_AUTH", "").strip()
     if auth:
         if error := credentials_error(auth):

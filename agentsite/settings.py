@@ -5,6 +5,7 @@ The README's configuration table lists each variable; keep the two in step.
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import environ
@@ -295,6 +296,19 @@ CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", defa
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
+
+# --- Metrics (GET /metrics) ---------------------------------------------------
+# Web and worker processes keep their Prometheus counters in files here
+# (prometheus_client's multiprocess mode); /metrics adds them all up, so the
+# web and workers of one machine must share it (agentsite/metrics.py).
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default=str(VAR_DIR / "prometheus"))
+# /metrics answers requests from these networks, and requests bearing the
+# token (Authorization: Bearer ...); anyone else gets a 403.
+METRICS_ALLOWED_NETWORKS = [
+    ip_network(network, strict=False)
+    for network in env.list("METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"])
+]
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # --- Sentry -----------------------------------------------------------------
 SENTRY_DSN = env.str("SENTRY_DSN", default="")

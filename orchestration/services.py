@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from agentsite.celery import app
 
-from . import canvas, state, webhooks
+from . import canvas, metrics, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Conversation,
@@ -84,6 +84,7 @@ def start_run(
             p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id)) for p, s in zip(planned, steps, strict=True)
         }
         transaction.on_commit(lambda: enqueue(run.pk, spec, input, options))
+        metrics.run_started(workflow.name if workflow else None)
     return run
 
 

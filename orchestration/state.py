@@ -2,9 +2,11 @@
 
 Each function makes one transition with a conditional UPDATE (so a late or
 repeated caller changes nothing) and writes the matching RunEvent in the same
-transaction. They take ids, never model instances, so tasks can call them.
-A function called inside another's transaction joins it, without a
-savepoint (nothing here catches an error inside a transaction and goes on).
+transaction. They take ids (or a StepRef: a step's ids and the labels of its
+metrics), never model instances, so tasks can call them. A function called
+inside another's transaction joins it, without a savepoint (nothing here
+catches an error inside a transaction and goes on). Each transition is
+counted in ``orchestration.metrics`` once its transaction commits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import events, webhooks
+from . import events, metrics, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Message,
@@ -53,6 +55,24 @@ class ClaimOutcome(Enum):
 class Claim:
     step: Step
     outcome: ClaimOutcome
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """A step as its transitions need it: its ids, and its skill and first start for the metrics."""
+
+    id: int
+    run_id: int
+    skill: str
+    started_at: datetime | None
+
+    @classmethod
+    def of(cls, step: Step) -> StepRef:
+        return cls(step.pk, step.run_id, step.skill, step.started_at)
+
+    @classmethod
+    def load(cls, step_id: int) -> StepRef:
+        return cls(step_id, *Step.objects.values_list("run_id", "skill", "started_at").get(pk=step_id))
 
 
 def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> int:
@@ -140,6 +160,7 @@ def _hold(step: Step, delivery: str) -> ClaimOutcome:
         return ClaimOutcome.DUPLICATE
     step.status, step.delivery = StepStatus.RUNNING, delivery
     step.attempts += 1
+    step.started_at = step.started_at or now
     if step.run.status == RunStatus.QUEUED:  # only a run's first step starts it
         _start_run(step.run_id, now)
     record(step.run_id, "step.running", step.pk, attempt=step.attempts, redelivered=redelivered)
@@ -157,10 +178,10 @@ def release_lost_step(step_id: int, delivery: str, counted: bool = True) -> bool
     """
     held = Step.objects.filter(pk=step_id, status=StepStatus.RUNNING, delivery=delivery)
     with transaction.atomic(savepoint=False):
-        row = held.values_list("run_id", "redeliveries").first()
+        row = held.values_list("run_id", "redeliveries", "skill").first()
         if row is None:
             return False
-        run_id, redeliveries = row
+        run_id, redeliveries, skill = row
         if counted and redeliveries >= settings.STEP_MAX_REDELIVERIES:
             lost = redeliveries + 1
             error = f"gave up: its worker was lost {lost} times while running it (crash or out of memory?)"
@@ -169,6 +190,8 @@ def release_lost_step(step_id: int, delivery: str, counted: bool = True) -> bool
         released = held.update(status=StepStatus.PENDING, redeliveries=F("redeliveries") + int(counted), error=error)
         if released:
             record(run_id, "step.released", step_id, error=error, redeliveries=redeliveries + int(counted))
+            if counted:
+                metrics.step_redelivered(skill)
     return bool(released)
 
 
@@ -185,33 +208,38 @@ def _start_run(run_id: int, now: Any) -> None:
         record(run_id, "run.running")
 
 
-def succeed_step(step_id: int, run_id: int, output: Any, delivery: str, finishes_run: bool = False) -> bool:
+def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool = False) -> bool:
     """Store a step's output; False if ``delivery`` no longer holds it.
 
     With ``finishes_run`` (the spec's last step) the run succeeds with that
     output in the same transaction.
     """
-    return _finish_step(step_id, run_id, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run)
+    return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run)
 
 
-def skip_step(step_id: int, run_id: int, error: str, delivery: str, finishes_run: bool = False) -> bool:
+def skip_step(step: StepRef, error: str, delivery: str, finishes_run: bool = False, timed_out: bool = False) -> bool:
     """An optional step that failed: it yields null and the run goes on (or, the last step, succeeds)."""
-    return _finish_step(step_id, run_id, StepStatus.SKIPPED, error=error, delivery=delivery, finishes_run=finishes_run)
+    skipped = _finish_step(step, StepStatus.SKIPPED, error=error, delivery=delivery, finishes_run=finishes_run)
+    if skipped and timed_out:
+        metrics.step_timed_out(step.skill)
+    return skipped
 
 
-def cancel_step(step_id: int, run_id: int, reason: str) -> None:
+def cancel_step(step: StepRef, reason: str) -> None:
     """A step that was waiting (queued or between attempts) when its run ended."""
-    _finish_step(step_id, run_id, StepStatus.CANCELLED, error=reason)
+    _finish_step(step, StepStatus.CANCELLED, error=reason)
 
 
-def retry_step(step_id: int, run_id: int, error: str, countdown: float) -> None:
-    """The attempt failed; the step waits ``countdown`` seconds for the next."""
+def retry_step(step: StepRef, error: str, countdown: float, timed_out: bool = False) -> None:
+    """The attempt failed (``timed_out``: at its soft limit); the step waits ``countdown`` seconds for the next."""
     lease = timezone.now() + timedelta(seconds=countdown + settings.STEP_LEASE_GRACE)
     with transaction.atomic(savepoint=False):
-        Step.objects.filter(pk=step_id, status=StepStatus.RUNNING).update(
+        retried = Step.objects.filter(pk=step.id, status=StepStatus.RUNNING).update(
             status=StepStatus.PENDING, error=error, lease_until=lease
         )
-        record(run_id, "step.retrying", step_id, error=error, countdown=round(countdown, 3))
+        record(step.run_id, "step.retrying", step.id, error=error, countdown=round(countdown, 3))
+        if retried:
+            metrics.step_retried(step.skill, timed_out)
 
 
 def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id: str | None = None) -> bool:
@@ -223,21 +251,20 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id
     steps = Step.objects.filter(pk=step_id)
     if task_id is not None:
         steps = steps.filter(task_id=task_id)
-    row = steps.values_list("run_id", "key").first()
+    row = steps.values_list("run_id", "key", "skill", "started_at").first()
     if row is None:
         return False
-    run_id, key = row
+    run_id, key, skill, started_at = row
     with transaction.atomic(savepoint=False):
         # The task id is checked again as the step changes: a replay may give it a new one in between.
-        changed = _finish_step(step_id, run_id, status, error=error, task_id=task_id)
+        changed = _finish_step(StepRef(step_id, run_id, skill, started_at), status, error=error, task_id=task_id)
         if changed:
             fail_run(run_id, f"step {key} {status.replace('_', ' ')}: {error}")
     return changed
 
 
 def _finish_step(
-    step_id: int,
-    run_id: int,
+    step: StepRef,
     status: str,
     output: Any = None,
     error: str = "",
@@ -245,7 +272,7 @@ def _finish_step(
     finishes_run: bool = False,
     task_id: str | None = None,
 ) -> bool:
-    steps = Step.objects.filter(pk=step_id, status__in=UNFINISHED_STEP_STATUSES)
+    steps = Step.objects.filter(pk=step.id, status__in=UNFINISHED_STEP_STATUSES)
     if delivery is not None:
         steps = steps.filter(status=StepStatus.RUNNING, delivery=delivery)
     if task_id is not None:
@@ -254,9 +281,10 @@ def _finish_step(
     with transaction.atomic(savepoint=False):
         changed = steps.update(status=status, output=output, error=error, finished_at=now, lease_until=now)
         if changed:
-            record(run_id, f"step.{status}", step_id, error=error)
+            record(step.run_id, f"step.{status}", step.id, error=error)
+            metrics.step_finished(step.skill, status, step.started_at, now)
             if finishes_run:
-                succeed_run(run_id, output)
+                succeed_run(step.run_id, output)
     return bool(changed)
 
 
@@ -267,11 +295,7 @@ def fail_run(run_id: int, error: str) -> bool:
 
 def succeed_run(run_id: int, output: Any) -> bool:
     """End a running run with its output; its conversation gets the reply."""
-    with transaction.atomic(savepoint=False):
-        ended = _end_run(run_id, RunStatus.SUCCEEDED, output=output) is not None
-        if ended:
-            _append_reply(run_id, output)
-    return ended
+    return _end_run(run_id, RunStatus.SUCCEEDED, output=output) is not None
 
 
 def cancel_run(run_id: int, reason: str) -> list[str] | None:
@@ -299,13 +323,13 @@ def expire_run(run_id: int) -> list[str] | None:
 def _end_run(
     run_id: int, status: str, output: Any = None, error: str = "", running: str | None = None
 ) -> list[str] | None:
-    """End an active run. Its pending steps are cancelled; with ``running``,
-    its running steps end with that status too (they are to be terminated).
+    """End an active run; a run that succeeded gives its conversation the reply.
 
-    Returns the task ids of the steps it ended, or None if the run was not active.
+    Its pending steps are cancelled; with ``running``, its running steps end
+    with that status too (they are to be terminated). Returns the task ids of
+    the steps it ended, or None if the run was not active.
     """
     now = timezone.now()
-    waiting = (StepStatus.PENDING, StepStatus.RUNNING) if running else (StepStatus.PENDING,)
     with transaction.atomic(savepoint=False):
         ended = Run.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
             status=status,
@@ -316,19 +340,39 @@ def _end_run(
         )
         if not ended:
             return None
-        steps = Step.objects.filter(run_id=run_id, status__in=waiting)
-        # A run that succeeded has no step left to revoke: no query for them.
-        task_ids = [] if status == RunStatus.SUCCEEDED else [str(t) for t in steps.values_list("task_id", flat=True)]
-        reason = error if running else f"not run: the run {status}"
-        steps.filter(status=StepStatus.PENDING).update(
-            status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now, lease_until=now
-        )
-        if running:
-            steps.filter(status=StepStatus.RUNNING).update(
-                status=running, error=f"stopped: {reason}", finished_at=now, lease_until=now
-            )
-        webhooks.schedule(run_id, record(run_id, f"run.{status}", error=error))
+        # The metrics' label, where the reply goes, and whether a webhook waits: one query whatever the outcome.
+        workflow, conversation_id, webhook_url = Run.objects.values_list(
+            "workflow__name", "conversation_id", "webhook_url"
+        ).get(pk=run_id)
+        task_ids = _end_steps(run_id, status, error, running, now)
+        seq = record(run_id, f"run.{status}", error=error)
+        if status == RunStatus.SUCCEEDED and conversation_id is not None:
+            _append_reply(conversation_id, run_id, output)
+        if webhook_url:
+            webhooks.schedule(run_id, seq)
+        metrics.run_finished(workflow, status)
     return task_ids
+
+
+def _end_steps(run_id: int, status: str, error: str, running: str | None, now: datetime) -> list[str]:
+    """End the unfinished steps of a run that ended with ``status``; their task ids."""
+    waiting = (StepStatus.PENDING, StepStatus.RUNNING) if running else (StepStatus.PENDING,)
+    steps = Step.objects.filter(run_id=run_id, status__in=waiting)
+    # A run that succeeded has no step left to revoke (each is upstream of its last one): no query for them.
+    fields = ("task_id", "skill", "status", "started_at")
+    ending = [] if status == RunStatus.SUCCEEDED else list(steps.values_list(*fields))
+    reason = error if running else f"not run: the run {status}"
+    steps.filter(status=StepStatus.PENDING).update(
+        status=StepStatus.CANCELLED, error=f"not run: the run {status}", finished_at=now, lease_until=now
+    )
+    if running:
+        steps.filter(status=StepStatus.RUNNING).update(
+            status=running, error=f"stopped: {reason}", finished_at=now, lease_until=now
+        )
+    for _, skill, was, started_at in ending:
+        ended_as = running if running and was == StepStatus.RUNNING else StepStatus.CANCELLED
+        metrics.step_finished(skill, ended_as, started_at, now)
+    return [str(task_id) for task_id, *_ in ending]
 
 
 def replay_run(run_id: int, deadline: datetime) -> bool:
@@ -353,6 +397,7 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
         )
         if not replayed:
             return False
+        metrics.run_started(Run.objects.values_list("workflow__name", flat=True).get(pk=run_id))
         kept = Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
         redo = list(Step.objects.filter(run_id=run_id).exclude(status__in=FINISHED_STEP_STATUSES))
         for step in redo:
@@ -399,6 +444,8 @@ def resume_run(run_id: int) -> bool:
             redeliveries=F("redeliveries") + 1,
             error="its worker was lost; resumed by the sweeper",
         )
+        for step in lost:
+            metrics.step_redelivered(step.skill)
         Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
         resumed = Run.objects.filter(pk=run_id, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).update(
             republished_at=now
@@ -420,12 +467,10 @@ def mark_unpublished(run_id: int, error: str) -> None:
         record(run_id, "run.publish_failed", error=error)
 
 
-def _append_reply(run_id: int, output: Any) -> None:
-    conversation_id = Run.objects.values_list("conversation_id", flat=True).get(pk=run_id)
-    if conversation_id is not None:
-        Message.objects.create(
-            conversation_id=conversation_id, role=MessageRole.ASSISTANT, content=reply_text(output), run_id=run_id
-        )
+def _append_reply(conversation_id: int, run_id: int, output: Any) -> None:
+    Message.objects.create(
+        conversation_id=conversation_id, role=MessageRole.ASSISTANT, content=reply_text(output), run_id=run_id
+    )
 
 
 def reply_text(output: Any) -> str:

@@ -120,7 +120,7 @@ def run_step(
     delivery = (self.request.headers or {}).get(DELIVERY_HEADER) or str(self.request.id)
     try:
         if done is not None:
-            return _store(step_id, delivery, done["output"], finishes_run)
+            return _store(state.StepRef.load(step_id), delivery, done["output"], finishes_run)
         return _run(self, upstream, step_id, delivery, retry, finishes_run, resuming=outages > 0)
     except DATABASE_DOWN as exc:
         _retry_later(self, exc, outages)
@@ -147,7 +147,7 @@ def _run(
         return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
         with _terminated_only_after():
-            return _store(step.pk, delivery, output, finishes_run, run_id=step.run_id)
+            return _store(state.StepRef.of(step), delivery, output, finishes_run)
     except DATABASE_DOWN as exc:
         # The skill's work is done: retry storing its output, never the skill.
         _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
@@ -170,10 +170,8 @@ def _terminated_only_after() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _store(step_id: int, delivery: str, output: Any, finishes_run: bool, run_id: int | None = None) -> Any:
-    if run_id is None:
-        run_id = Step.objects.values_list("run_id", flat=True).get(pk=step_id)
-    if not state.succeed_step(step_id, run_id, output, delivery, finishes_run):
+def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool) -> Any:
+    if not state.succeed_step(step, output, delivery, finishes_run):
         raise Ignore()  # the run ended, or the sweeper gave the step to another message
     return output
 
@@ -207,7 +205,7 @@ def _not_run(claim: state.Claim) -> Any:
     if claim.outcome is ClaimOutcome.DUPLICATE:
         raise Ignore()
     if claim.outcome is ClaimOutcome.RUN_ENDED and step.status in state.UNFINISHED_STEP_STATUSES:
-        state.cancel_step(step.pk, step.run_id, f"not run: the run {step.run.status}")
+        state.cancel_step(state.StepRef.of(step), f"not run: the run {step.run.status}")
     raise StepHalted(f"step {step.key}: {claim.outcome.value}")
 
 
@@ -218,13 +216,13 @@ def _handle_failure(
     error = f"timed out after {step.soft_time_limit:g}s (soft limit)" if timed_out else _message(exc)
     if step.attempts <= retry["max"]:
         countdown = backoff(step.attempts, retry["backoff"], retry["backoff_max"])
-        state.retry_step(step.pk, step.run_id, error, countdown)
+        state.retry_step(state.StepRef.of(step), error, countdown, timed_out)
         # A new delivery: if this message is redelivered too, only one of them runs.
         kwargs = {k: v for k, v in _kwargs(task).items() if k not in ("done", "outages")}
         headers = {**(task.request.headers or {}), DELIVERY_HEADER: uuid.uuid4().hex}
         raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
     if step.optional:
-        if not state.skip_step(step.pk, step.run_id, error, delivery, finishes_run):
+        if not state.skip_step(state.StepRef.of(step), error, delivery, finishes_run, timed_out):
             raise Ignore()
         return None
     state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)

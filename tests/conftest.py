@@ -4,12 +4,14 @@ The worker is a prefork ``celery worker`` subprocess (soft and hard time
 limits need prefork), started once per session against the test database and
 the project's own Redis database (REDIS_URL, set in pyproject.toml). Tests
 that use it run with a transactional database, so the worker sees committed
-rows.
+rows. Both count metrics into files of a directory of the session's own,
+which /metrics reads.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from agentsite.celery import app
+from agentsite.metrics import start_process
 from orchestration.chaos.processes import database_url
 from orchestration.models import ACTIVE_RUN_STATUSES, Run
 from orchestration.services import cancel_run
@@ -54,8 +57,17 @@ def _wait_until_ready(worker: Worker, timeout: float = 60) -> None:
     raise RuntimeError(f"the test worker did not answer within {timeout}s; see {WORKER_LOG}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def metrics_files() -> None:
+    """This process and the test worker count into a fresh directory, apart from the service's."""
+    directory = WORKER_LOG.with_name(f"test-prometheus-{connection.vendor}-{DB_NAME}")
+    shutil.rmtree(directory, ignore_errors=True)
+    settings.PROMETHEUS_MULTIPROC_DIR = str(directory)
+    start_process("pytest")  # it sets PROMETHEUS_MULTIPROC_DIR for the worker too
+
+
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup: None, django_db_blocker: Any) -> Iterator[Worker]:
+def celery_worker_process(django_db_setup: None, django_db_blocker: Any, metrics_files: None) -> Iterator[Worker]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1"}
     name = f"test-{os.getpid()}@localhost"

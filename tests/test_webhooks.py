@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -111,7 +112,7 @@ def test_a_failing_receiver_gets_the_same_event_again_with_backoff(worker, user,
     assert len({request["body"] for request in receiver.received}) == 1  # the same bytes, the same event id
     assert json.loads(receiver.received[0]["body"])["type"] == "agentsite.run.failed"
     assert all(verify(request["headers"], request["body"]) for request in receiver.received)
-    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in zip(receiver.received, receiver.received[1:])]
+    gaps = [(b["at"] - a["at"]).total_seconds() for a, b in pairwise(receiver.received)]
     assert gaps[0] >= 0.5  # backoff: ~1 s, then ~2 s (jittered down to half)
     assert gaps[1] >= 1.0
     assert (delivery.attempts, delivery.response_status, delivery.error) == (3, 200, "")

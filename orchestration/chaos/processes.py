@@ -127,6 +127,8 @@ def service_env(redis_url: str, database_url: str) -> dict[str, str]:
         "SENTRY_DSN": "",
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Their metrics' files apart from those of a service running from this checkout.
+        "PROMETHEUS_MULTIPROC_DIR": str(Path(__file__).resolve().parents[2] / "var" / "prometheus-services"),
     }
 
 
