@@ -3,7 +3,8 @@
 Flower shows every task's arguments and results and can revoke tasks, so it
 refuses to start without ``FLOWER_BASIC_AUTH`` (``user:password``, several
 separated by commas) unless ``DEBUG`` is on, and it listens on loopback
-unless ``FLOWER_ADDRESS`` says otherwise. The credentials reach Flower
+unless ``FLOWER_ADDRESS`` says otherwise. It keeps at most FLOWER_MAX_TASKS
+tasks in memory. The credentials reach Flower
 through its own ``FLOWER_BASIC_AUTH`` environment variable, not the command
 line, so they never show in ``ps``.
 """
@@ -27,8 +28,10 @@ def credentials_error(value: str) -> str | None:
     return None
 
 
-def command(address: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "agentsite", "flower", f"--address={address}", f"--port={port}"]
+def command(address: str, port: int, max_tasks: int) -> list[str]:
+    """Flower on ``address:port``, keeping at most ``max_tasks`` tasks in memory (the oldest go first)."""
+    flower = ["flower", f"--address={address}", f"--port={port}", f"--max_tasks={max_tasks}"]
+    return [sys.executable, "-m", "celery", "-A", "agentsite", *flower]
 
 
 def main() -> None:
@@ -46,7 +49,11 @@ def main() -> None:
             "flower: refusing to start without FLOWER_BASIC_AUTH: Flower shows every task's arguments "
             "and results and can revoke tasks. Set FLOWER_BASIC_AUTH=user:password (or DEBUG=1 locally)."
         )
-    argv = command(env.str("FLOWER_ADDRESS", default="127.0.0.1"), env.int("FLOWER_PORT", default=5555))
+    argv = command(
+        env.str("FLOWER_ADDRESS", default="127.0.0.1"),
+        env.int("FLOWER_PORT", default=5555),
+        env.int("FLOWER_MAX_TASKS", default=10000),
+    )
     os.execv(argv[0], argv)
 
 

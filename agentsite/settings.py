@@ -68,6 +68,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "agentsite.context_processors.flower",
             ],
         },
     },
@@ -220,6 +221,9 @@ WEBHOOK_STALL_AFTER = env.int("WEBHOOK_STALL_AFTER", default=WEBHOOK_BACKOFF_MAX
 # Outbound calls (webhooks) may go to loopback and private networks: only for
 # development and tests; in production they would let a user reach internal services.
 OUTBOUND_ALLOW_PRIVATE = env.bool("OUTBOUND_ALLOW_PRIVATE", default=False)
+
+# Where people open Flower (the admin links each step's task to it).
+FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/")
 
 # --- Celery -----------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)

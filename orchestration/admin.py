@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
+from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 
 from . import services
 from .models import Conversation, IdempotencyKey, Message, Run, RunEvent, Step, WebhookDelivery, Workflow
@@ -19,8 +22,15 @@ class MessageInline(admin.TabularInline):
     extra = 0
 
 
+# Webhook URLs typed without a scheme are taken as https (Django 6's default, said now).
+WEBHOOK_URL_FIELDS: Mapping[type[models.Field[Any, Any]], Mapping[str, Any]] = {
+    models.URLField: {"assume_scheme": "https"}
+}
+
+
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
+    formfield_overrides = WEBHOOK_URL_FIELDS
     list_display = ["id", "title", "owner", "created_at", "updated_at"]
     search_fields = ["=id", "title", "owner__username"]
     raw_id_fields = ["owner"]
@@ -29,6 +39,7 @@ class ConversationAdmin(admin.ModelAdmin):
 
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
+    formfield_overrides = WEBHOOK_URL_FIELDS
     list_display = ["name", "owner", "updated_at"]
     search_fields = ["name", "description"]
     raw_id_fields = ["owner"]
@@ -36,7 +47,7 @@ class WorkflowAdmin(admin.ModelAdmin):
 
 class StepInline(admin.TabularInline):
     model = Step
-    fields = ("key", "skill", "status", "attempts", "redeliveries", "duration_ms", "error", "output")
+    fields = ("key", "skill", "status", "attempts", "redeliveries", "duration_ms", "error", "output", "task")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -44,6 +55,13 @@ class StepInline(admin.TabularInline):
 
     def has_add_permission(self, request: HttpRequest, obj: Run | None = None) -> bool:
         return False
+
+    @admin.display(description="Celery task")
+    def task(self, step: Step) -> str:
+        """The step's task in Flower (its latest attempt; a replay gives the step a new task id)."""
+        return format_html(
+            '<a href="{}task/{}" target="_blank">{}</a>', settings.FLOWER_URL, step.task_id, step.task_id
+        )
 
 
 class WebhookDeliveryInline(admin.TabularInline):
@@ -59,6 +77,7 @@ class WebhookDeliveryInline(admin.TabularInline):
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
+    formfield_overrides = WEBHOOK_URL_FIELDS
     list_display = ["id", "owner", "workflow", "status", "created_at", "duration_ms", "error"]
     list_filter = ["status", "workflow", "steps__skill"]
     search_fields = ["=id", "=conversation__id", "owner__username", "error"]
@@ -123,6 +142,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):
 
 @admin.register(WebhookDelivery)
 class WebhookDeliveryAdmin(admin.ModelAdmin):
+    formfield_overrides = WEBHOOK_URL_FIELDS
     list_display = ["id", "run", "event_id", "status", "attempts", "response_status", "next_attempt_at", "delivered_at"]
     list_filter = ["status"]
     search_fields = ["=run__id", "event_id", "url"]
