@@ -9,8 +9,18 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import before_task_publish, celeryd_after_setup, celeryd_init, task_postrun, task_prerun
+from celery.signals import (
+    before_task_publish,
+    celeryd_after_setup,
+    celeryd_init,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+from agentsite import telemetry
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
@@ -61,6 +71,23 @@ def close_old_db_connections(**kwargs: Any) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_process_init.connect
+def start_tracing(**kwargs: Any) -> None:
+    """Trace this pool process's tasks when OTEL_* says so (after the fork: the span exporter's thread)."""
+    telemetry.start_worker_tracing()
+
+
+@worker_process_shutdown.connect
+def flush_spans(**kwargs: Any) -> None:
+    telemetry.stop_tracing()
+
+
+@task_postrun.connect
+def forget_step_labels(**kwargs: Any) -> None:
+    """A step's log labels end with its task, after Celery logged its outcome (skills/tasks.py sets them)."""
+    telemetry.unbind_step()
 
 
 @before_task_publish.connect

@@ -124,12 +124,31 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 
+# Logs go to stderr, as text (the message) or as one JSON object per line
+# (LOG_FORMAT=json). Inside a step every record carries run_id, step_id and
+# skill, and inside a trace its trace_id (agentsite/telemetry.py).
+LOG_FORMAT = env.str("LOG_FORMAT", default="text")
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f'LOG_FORMAT must be "text" or "json", not "{LOG_FORMAT}"')
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"step": {"()": "agentsite.telemetry.StepLogFilter"}},
+    "formatters": {
+        "text": {"()": "agentsite.telemetry.TextFormatter"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",
+        },
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["step"]}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
+# Tracing reads the standard OTEL_* variables itself (agentsite/telemetry.py):
+# on when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT, or
+# OTEL_TRACES_EXPORTER=otlp) is set, off otherwise.
 
 # --- Cache (Redis) --------------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")

@@ -78,11 +78,19 @@ class WebhookDeliveryInline(admin.TabularInline):
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     formfield_overrides = WEBHOOK_URL_FIELDS
-    list_display = ["id", "owner", "workflow", "status", "created_at", "duration_ms", "error"]
+    list_display = ["id", "owner", "workflow", "status", "created_at", "duration_ms", "error", "trace_id"]
     list_filter = ["status", "workflow", "steps__skill"]
-    search_fields = ["=id", "=conversation__id", "owner__username", "error"]
+    search_fields = ["=id", "=conversation__id", "owner__username", "error", "=trace_id"]
     raw_id_fields = ["owner", "conversation", "workflow"]
-    readonly_fields = ["created_at", "started_at", "finished_at", "duration_ms", "replays", "republished_at"]
+    readonly_fields = [
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "replays",
+        "republished_at",
+        "trace_id",
+    ]
     date_hierarchy = "created_at"
     inlines = [StepInline, WebhookDeliveryInline]
     actions = ["cancel_runs", "replay_runs"]

@@ -106,6 +106,14 @@ class Run(models.Model):
     )
     last_event_seq = models.PositiveIntegerField(default=0, help_text="The seq of its latest RunEvent.")
     webhook_url = models.URLField(max_length=2000, blank=True, help_text="Where a CloudEvent is POSTed when it ends.")
+    # No index: the admin's search ORs it with a substring search of the error,
+    # a scan anyway, and the API does not filter by it.
+    trace_id = models.CharField(
+        max_length=32,
+        blank=True,
+        default="",
+        help_text="The OpenTelemetry trace of the request that started it (32 hex digits); blank when tracing is off.",
+    )
 
     class Meta:
         ordering = ["-id"]

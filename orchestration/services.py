@@ -21,6 +21,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
+from agentsite import telemetry
 from agentsite.celery import app
 
 from . import canvas, metrics, state, webhooks
@@ -77,6 +78,7 @@ def start_run(
             webhook_url=webhook_url
             or (workflow.webhook_url if workflow else "")
             or (conversation.webhook_url if conversation else ""),
+            trace_id=telemetry.current_trace_id(),
         )
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))

@@ -1,7 +1,9 @@
 """The step runtime: the one Celery task that executes any step.
 
 Thin by design: claim the step by id, call its skill, persist the outcome
-through ``orchestration.state``, return the output to the canvas. Failures
+through ``orchestration.state``, return the output to the canvas. The step's
+span and log lines are labelled with its run, id and skill
+(``agentsite.telemetry.bind_step``). Failures
 that the task cannot see itself (the hard time limit kills the process, the
 queue TTL expires) reach ``StepTask.on_failure`` and ``signals.py`` in the
 worker's main process.
@@ -26,6 +28,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerUnavailable
 
+from agentsite import telemetry
 from agentsite.celery import DELIVERY_HEADER
 from orchestration import state
 from orchestration.models import Step, StepStatus
@@ -117,6 +120,7 @@ def run_step(
     After a database outage the task retries as the same delivery (its
     headers are copied); ``done`` then carries a skill output still to store.
     """
+    telemetry.bind_step(step_id=step_id)
     delivery = (self.request.headers or {}).get(DELIVERY_HEADER) or str(self.request.id)
     try:
         if done is not None:
@@ -132,6 +136,7 @@ def _run(
 ) -> Any:
     claim = state.claim_step(step_id, delivery, resuming)
     step = claim.step
+    telemetry.bind_step(run_id=step.run_id, skill=step.skill)
     if claim.outcome is ClaimOutcome.BUSY:
         # Same delivery id (the headers are copied): it is this message again.
         raise task.retry(countdown=BUSY_RECHECK, max_retries=None)

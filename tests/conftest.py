@@ -33,6 +33,7 @@ from orchestration.models import ACTIVE_RUN_STATUSES, Run
 from orchestration.services import cancel_run
 
 from .factories import UserFactory, token_for
+from .otlp import OtlpReceiver
 
 WORKER_CONCURRENCY = 4
 # One log per database, overwritten by each session that uses it.
@@ -67,9 +68,26 @@ def metrics_files() -> None:
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup: None, django_db_blocker: Any, metrics_files: None) -> Iterator[Worker]:
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """Where the test worker exports its spans (tests/otlp.py)."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(
+    django_db_setup: None, django_db_blocker: Any, metrics_files: None, otlp_receiver: OtlpReceiver
+) -> Iterator[Worker]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
-    env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1"}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+    env |= {"DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1"}
+    # Tracing on, exported to the receiver in this process every 0.1 s; JSON logs
+    # (tests/test_tracing.py reads both). The test process itself traces nothing
+    # unless a test instruments it.
+    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env |= {"LOG_FORMAT": "json"}
     name = f"test-{os.getpid()}@localhost"
     command = [sys.executable, "-m", "celery", "-A", "agentsite", "worker", "--pool=prefork"]
     command += [f"--concurrency={WORKER_CONCURRENCY}", "--loglevel=INFO", "-n", name]

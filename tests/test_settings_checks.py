@@ -34,3 +34,10 @@ def test_the_derived_visibility_timeout_outlasts_the_longest_step_and_countdown(
 
     assert result.returncode == 0, result.stderr
     assert settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] == 3600 + 300 + 600
+
+
+def test_an_unknown_log_format_is_refused():
+    result = manage_check(LOG_FORMAT="yaml")
+
+    assert result.returncode != 0
+    assert 'LOG_FORMAT must be "text" or "json", not "yaml"' in result.stderr

@@ -157,7 +157,9 @@ class RunSerializer(serializers.ModelSerializer):
             "deadline",
             "replays",
             "webhook_url",
+            "trace_id",
         ]
+        read_only_fields = ["trace_id"]
 
 
 class RunDetailSerializer(RunSerializer):
