@@ -15,6 +15,8 @@ EVENTS_STREAM_SECONDS, and then the client reconnects with Last-Event-ID
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -35,6 +37,8 @@ TERMINAL_EVENT_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled"
 # How long a stream waits between database reads while Redis cannot announce.
 FALLBACK_POLL_SECONDS = 1.0
 RECONNECT_MS = 1000
+# Announcements published in one round trip at most.
+PUBLISH_BATCH = 100
 
 _slots = threading.BoundedSemaphore(settings.EVENTS_MAX_STREAMS)
 
@@ -50,12 +54,44 @@ def _redis() -> redis.Redis:
 
 
 def announce(run_id: int, seq: int) -> None:
-    """Tell the run's streams that event ``seq`` is committed. Best effort:
-    a stream that misses it finds the event at its next keepalive read."""
-    try:
-        _redis().publish(channel(run_id), seq)
-    except redis.RedisError as exc:
-        log.debug("run %s: event %s not announced: %r", run_id, seq, exc)
+    """Tell the run's streams that event ``seq`` is committed.
+
+    Queued for this process's publisher thread, so a transition does not
+    wait for Redis. Best effort: a stream that misses an announcement finds
+    the event at its next keepalive read.
+    """
+    _announcements().put((run_id, seq))
+
+
+_pending: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+_publisher_pid = 0  # the process whose publisher thread serves _pending
+_publisher_lock = threading.Lock()
+
+
+def _announcements() -> queue.SimpleQueue[tuple[int, int]]:
+    global _pending, _publisher_pid
+    if _publisher_pid != os.getpid():  # the first announcement in this process, or in a forked child
+        with _publisher_lock:
+            if _publisher_pid != os.getpid():
+                _pending = queue.SimpleQueue()
+                threading.Thread(target=_publish, args=(_pending,), name="agentsite-events", daemon=True).start()
+                _publisher_pid = os.getpid()
+    return _pending
+
+
+def _publish(pending: queue.SimpleQueue[tuple[int, int]]) -> None:
+    """Publish announcements as they come, those queued meanwhile in one round trip."""
+    while True:
+        batch = [pending.get()]
+        while len(batch) < PUBLISH_BATCH and not pending.empty():
+            batch.append(pending.get())
+        try:
+            with _redis().pipeline(transaction=False) as pipe:
+                for run_id, seq in batch:
+                    pipe.publish(channel(run_id), seq)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.debug("%d run event announcements lost: %r", len(batch), exc)
 
 
 def cloudevent(event: RunEvent) -> CloudEvent:
