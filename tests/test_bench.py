@@ -7,6 +7,7 @@ thing it claims to.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection
 
 from orchestration.chaos.processes import database_url
+from orchestration.models import Run, RunEvent
 
 TINY = ["--shapes", "chain3", "chord10", "--rounds", "1", "--batch", "5", "--latency-runs", "3"]
 TINY += ["--memory-runs", "20", "--api-rate", "10", "--api-seconds", "3", "--steps", "2000", "--reads", "10"]
@@ -51,3 +54,17 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
     assert 0 < report["detail_p50_ms"] <= report["detail_p99_ms"]
     assert report["worker_rss_before_mb"] > 0
     assert report["worker_rss_mb"] > 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bench_events_prints_what_an_event_costs_and_leaves_nothing_behind():
+    out = io.StringIO()
+
+    call_command("bench_events", "--events", "20", stdout=out)
+
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("20 transactions each, p50:")
+    assert [line.split()[0] for line in lines[1:]] == ["ORM", "state.record"]
+    assert all(float(line.split()[-2]) > 0 for line in lines[1:])
+    assert not Run.objects.exists()
+    assert not RunEvent.objects.exists()
