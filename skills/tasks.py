@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -161,18 +162,27 @@ def _run(
 
 @contextmanager
 def _terminated_only_after() -> Iterator[None]:
-    """Hold SIGTERM back until the block is done.
+    """Hold SIGTERM back until the block is done, then act on it.
 
     Celery stops running steps with SIGTERM when the broker connection is
     lost (CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS). A step
     stopped after its skill returned but before its output was committed
-    would run its skill, and apply its effect, again.
+    would run its skill, and apply its effect, again. A Python handler, not a
+    signal mask: a mask holds only for this thread, and the kernel hands a
+    process's signal to any thread that does not block it (the event
+    publisher's, the span exporter's), whose default action ends the process.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (not the prefork pool)
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGTERM, previous)
+        if held:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import psutil
@@ -153,3 +155,36 @@ def test_a_step_stopped_when_its_worker_loses_the_broker_runs_again_once(worker,
     assert (a.attempts, a.redeliveries) == (2, 0)  # stopped by Celery: not a lost worker
     assert effects(run) == {"a": 1, "b": 1}
     assert run.events.filter(type="step.released", step=a).count() == 1
+
+
+SHIELD_SCRIPT = """
+import os, signal, sys, threading, time
+import django
+django.setup()
+from skills.tasks import _terminated_only_after
+# Another thread, like the run events' publisher or the span exporter in a pool process.
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+with _terminated_only_after():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    open(sys.argv[1], "w").write("stored")
+print("not reached")
+"""
+
+
+def test_sigterm_during_a_steps_store_ends_the_process_only_after_the_store(tmp_path):
+    marker = tmp_path / "stored"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "agentsite.settings"}
+
+    done = subprocess.run(
+        [sys.executable, "-c", SHIELD_SCRIPT, str(marker)],
+        env=env,
+        cwd=settings.BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert marker.read_text() == "stored", done.stderr
+    assert done.returncode == -signal.SIGTERM
+    assert "not reached" not in done.stdout
