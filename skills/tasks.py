@@ -81,8 +81,8 @@ class StepRequest(Request):
         try:
             state.release_lost_step(step_id, delivery, counted=lost)
         except DATABASE_DOWN as exc:
-            # The returning message finds the step still running and is dropped;
-            # the sweeper resumes the run once the step's lease has run out.
+            # The returning message finds the step still running and asks again
+            # (BUSY) until the step's lease has run out, then takes it over.
             log.warning("step %s: not released after its worker process was gone: %r", step_id, exc)
 
 
