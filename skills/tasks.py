@@ -48,6 +48,8 @@ class StepHalted(Exception):
 DATABASE_DOWN = (OperationalError, InterfaceError)
 # Seconds before a copy of a running step's own message asks again (state.ClaimOutcome.BUSY).
 BUSY_RECHECK = 1.0
+# Held while a step's output is stored: Celery's stop, and billiard's soft time limit.
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StepRequest(Request):
@@ -162,12 +164,15 @@ def _run(
 
 @contextmanager
 def _terminated_only_after() -> Iterator[None]:
-    """Hold SIGTERM back until the block is done, then act on it.
+    """Hold SIGTERM back until the block is done, then act on it; ignore a soft time limit meanwhile.
 
     Celery stops running steps with SIGTERM when the broker connection is
     lost (CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS). A step
     stopped after its skill returned but before its output was committed
-    would run its skill, and apply its effect, again. A Python handler, not a
+    would run its skill, and apply its effect, again. For the same reason a
+    soft time limit (SIGUSR1) that falls due while the output is stored does
+    not cut the store short: the limit is the skill's, and the skill is done.
+    The hard time limit still ends the process. Python handlers, not a
     signal mask: a mask holds only for this thread, and the kernel hands a
     process's signal to any thread that does not block it (the event
     publisher's, the span exporter's), whose default action ends the process.
@@ -176,12 +181,13 @@ def _terminated_only_after() -> Iterator[None]:
         yield  # signal handlers belong to the main thread (not the prefork pool)
         return
     held: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if held:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if signal.SIGTERM in held:
             signal.raise_signal(signal.SIGTERM)
 
 
