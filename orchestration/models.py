@@ -43,9 +43,15 @@ class Conversation(models.Model):
 
 
 class Workflow(models.Model):
-    """A named, validated spec. Without an owner it is shared by everyone."""
+    """A named, validated spec. Without an owner it is shared by everyone.
 
-    name = models.SlugField(max_length=100, unique=True)
+    Names are unique per owner, and among the shared workflows: a name means,
+    to a user, their own workflow of that name, else the shared one
+    (``orchestration.services.find_workflow``).
+    """
+
+    # No index of its own: workflow_name_per_owner leads with it.
+    name = models.SlugField(max_length=100, db_index=False)
     description = models.TextField(blank=True)
     spec = models.JSONField()
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, null=True, blank=True, related_name="workflows")
@@ -62,6 +68,14 @@ class Workflow(models.Model):
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            # Also the index of a lookup by name (the API's, a run's workflow name).
+            models.UniqueConstraint(fields=["name", "owner"], name="workflow_name_per_owner"),
+            # NULLs are distinct in the one above: shared names need their own.
+            models.UniqueConstraint(
+                fields=["name"], condition=models.Q(owner__isnull=True), name="workflow_shared_name_uniq"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
@@ -115,8 +115,19 @@ def post_message(
     return message
 
 
-def default_workflow() -> Workflow | None:
-    return Workflow.objects.filter(name=settings.DEFAULT_WORKFLOW).first()
+def workflows_of(owner: Any) -> QuerySet[Workflow]:
+    """The workflows ``owner`` may run: their own and the shared ones (``None``: the shared ones)."""
+    return Workflow.objects.filter(Q(owner=owner) | Q(owner__isnull=True))
+
+
+def find_workflow(name: str, owner: Any) -> Workflow | None:
+    """The workflow ``name`` means to ``owner``: their own of that name, else the shared one."""
+    # Own first: a shared workflow named later in the admin does not change what a user's name runs.
+    return workflows_of(owner).filter(name=name).order_by(F("owner").asc(nulls_last=True)).first()
+
+
+def default_workflow(owner: Any) -> Workflow | None:
+    return find_workflow(settings.DEFAULT_WORKFLOW, owner)
 
 
 def enqueue(run_id: int, spec: Any, input: Any, steps: dict[str, canvas.StepOptions]) -> None:

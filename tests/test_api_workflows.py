@@ -68,13 +68,21 @@ def test_it_creates_a_workflow_owned_by_the_user(api, user):
     assert Workflow.objects.get(name="two-echoes").owner == user
 
 
-def test_it_rejects_a_taken_name(api, other_user):
-    taken = WorkflowFactory.create(owner=other_user)
+def test_it_rejects_a_name_the_user_already_has(api, user):
+    taken = WorkflowFactory.create(owner=user)
 
     response = api.post("/api/workflows/", {"name": taken.name, "spec": CHAIN}, format="json")
 
     assert response.status_code == 400
     assert list(response.json()) == ["name"]
+
+
+def test_it_accepts_a_name_another_user_has(api, other_user):
+    theirs = WorkflowFactory.create(owner=other_user)
+
+    response = api.post("/api/workflows/", {"name": theirs.name, "spec": CHAIN}, format="json")
+
+    assert response.status_code == 201, response.content
 
 
 def test_it_rejects_a_name_that_is_not_a_slug(api):

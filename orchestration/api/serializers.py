@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from orchestration import outbound
 from orchestration.models import Conversation, Message, Run, Step, Workflow
+from orchestration.services import find_workflow, workflows_of
 from orchestration.spec import SpecError, plan
 
 
@@ -86,19 +87,54 @@ def webhook_field(**kwargs: Any) -> serializers.URLField:
     return serializers.URLField(max_length=2000, validators=[check_webhook_url], **kwargs)
 
 
+WORKFLOW_NAME_TAKEN = "workflow with this name already exists."
+
+
 class WorkflowSerializer(serializers.ModelSerializer):
+    name = serializers.SlugField(max_length=100)
     spec = SpecField()
     shared = serializers.SerializerMethodField()
+    owner: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username",
+        read_only=True,
+        allow_null=True,
+        help_text="Its owner's username; null for a shared workflow.",
+    )
     deadline = deadline_field(required=False, allow_null=True)
     webhook_url = webhook_field(required=False, allow_blank=True)
 
     class Meta:
         model = Workflow
-        fields = ["name", "description", "spec", "deadline", "webhook_url", "shared", "created_at", "updated_at"]
+        fields = [
+            "name",
+            "description",
+            "spec",
+            "deadline",
+            "webhook_url",
+            "shared",
+            "owner",
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = ["created_at", "updated_at"]
+        validators: list[Any] = []  # the name's uniqueness depends on the owner: validate_name
 
     def get_shared(self, workflow: Workflow) -> bool:
         return workflow.owner_id is None
+
+    def validate_name(self, name: str) -> str:
+        """Unique among the names its owner sees: their own workflows' and the shared ones'.
+
+        Another user's names are not among them, so a refusal tells nothing
+        about other users.
+        """
+        owner = self.instance.owner if self.instance is not None else self.context["request"].user
+        taken = workflows_of(owner).filter(name=name)
+        if self.instance is not None:
+            taken = taken.exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise serializers.ValidationError(WORKFLOW_NAME_TAKEN)
+        return name
 
 
 class ConversationSerializer(serializers.ModelSerializer):
@@ -188,7 +224,7 @@ class WorkflowChoiceMixin(serializers.Serializer):
             raise serializers.ValidationError({"spec": "give either workflow or spec, not both"})
         name = attrs.pop("workflow", None)
         if name is not None:
-            workflow = self.context["workflows"].filter(name=name).first()
+            workflow = find_workflow(name, self.context["workflow_owner"])
             if workflow is None:
                 raise serializers.ValidationError({"workflow": f'unknown workflow "{name}"'})
             attrs["workflow_obj"] = workflow

@@ -12,14 +12,15 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db.models import Q, QuerySet
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
+from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.generics import GenericAPIView
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
@@ -32,6 +33,7 @@ from orchestration.models import Conversation, MessageRole, Run, Workflow
 from skills.registry import registry
 
 from .serializers import (
+    WORKFLOW_NAME_TAKEN,
     ConversationSerializer,
     ErrorSerializer,
     MessageAcceptedSerializer,
@@ -56,10 +58,17 @@ def _user(request: Request) -> User:
 
 def visible_workflows(request: Request) -> QuerySet[Workflow]:
     """A user's own workflows and the shared ones; staff see all."""
-    workflows = Workflow.objects.all()
     if _is_staff(request):
-        return workflows
-    return workflows.filter(Q(owner=_user(request)) | Q(owner__isnull=True))
+        return Workflow.objects.all()
+    return services.workflows_of(_user(request))
+
+
+def visible_conversations(request: Request | None) -> QuerySet[Conversation]:
+    """A user's own conversations; staff see all. (No request: schema generation.)"""
+    if request is None:
+        return Conversation.objects.none()
+    conversations = Conversation.objects.all()
+    return conversations if _is_staff(request) else conversations.filter(owner=_user(request))
 
 
 class OwnedMixin(GenericAPIView[Any]):
@@ -80,8 +89,25 @@ class SkillViewSet(viewsets.ViewSet):
         return Response(SkillSerializer(list(registry), many=True).data)
 
 
+WORKFLOW_OWNER_PARAMETER = OpenApiParameter(
+    "owner", str, description="Staff only: the username whose workflow of that name is meant (default: yours)."
+)
+
+
+@extend_schema_view(
+    **{
+        action: extend_schema(parameters=[WORKFLOW_OWNER_PARAMETER])
+        for action in ("retrieve", "update", "partial_update", "destroy")
+    }
+)
 class WorkflowViewSet(viewsets.ModelViewSet):
-    """Named, validated specs. Shared workflows (no owner) are staff-managed."""
+    """Named, validated specs. Shared workflows (no owner) are staff-managed.
+
+    A name is unique per owner, so ``{name}`` means the caller's own workflow
+    of that name, else the shared one; staff reach another user's with
+    ``?owner=<username>``. The list shows the caller's and the shared ones
+    (staff: all).
+    """
 
     queryset = Workflow.objects.all()
     serializer_class = WorkflowSerializer
@@ -91,14 +117,31 @@ class WorkflowViewSet(viewsets.ModelViewSet):
     def get_queryset(self) -> QuerySet[Workflow]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return self.queryset.none()
-        return visible_workflows(self.request)
+        return visible_workflows(self.request).select_related("owner")
+
+    def get_object(self) -> Workflow:
+        workflow = services.find_workflow(self.kwargs[self.lookup_field], self._name_owner())
+        if workflow is None:
+            raise NotFound("No Workflow matches the given query.")
+        self.check_object_permissions(self.request, workflow)
+        return workflow
+
+    def _name_owner(self) -> Any:
+        """Whose names the URL's name is looked up among: the caller's, or for staff ``?owner=``'s."""
+        username = self.request.query_params.get("owner")
+        if username is None or not _is_staff(self.request):
+            return self.request.user
+        owner = User.objects.filter(username=username).first()
+        if owner is None:
+            raise NotFound("No Workflow matches the given query.")
+        return owner
 
     def perform_create(self, serializer: BaseSerializer[Workflow]) -> None:
-        serializer.save(owner=self.request.user)
+        _save_workflow(serializer, owner=self.request.user)
 
     def perform_update(self, serializer: BaseSerializer[Workflow]) -> None:
         self._check_can_change(serializer.instance)
-        serializer.save()
+        _save_workflow(serializer)
 
     def perform_destroy(self, instance: Workflow) -> None:
         self._check_can_change(instance)
@@ -107,6 +150,14 @@ class WorkflowViewSet(viewsets.ModelViewSet):
     def _check_can_change(self, workflow: Workflow | None) -> None:
         if workflow is not None and workflow.owner_id != self.request.user.pk and not _is_staff(self.request):
             raise PermissionDenied("only staff can change a shared workflow")
+
+
+def _save_workflow(serializer: BaseSerializer[Workflow], **fields: Any) -> None:
+    try:
+        with transaction.atomic():
+            serializer.save(**fields)
+    except IntegrityError as exc:  # a concurrent request took the name after this one's validation
+        raise ValidationError({"name": [WORKFLOW_NAME_TAKEN]}) from exc
 
 
 class ConversationViewSet(
@@ -135,7 +186,7 @@ class ConversationViewSet(
         if request.method == "GET":
             page = self.paginate_queryset(conversation.messages.all())
             return self.get_paginated_response(MessageSerializer(page, many=True).data)
-        data = self._validated(PostMessageSerializer, request)
+        data = self._validated(PostMessageSerializer, request, conversation)
 
         def post() -> Run:
             message = services.post_message(
@@ -157,7 +208,7 @@ class ConversationViewSet(
     @action(detail=True, methods=["post"])
     def runs(self, request: Request, pk: str | None = None) -> Response:
         conversation = self.get_object()
-        data = self._validated(StartRunSerializer, request)
+        data = self._validated(StartRunSerializer, request, conversation)
 
         def start() -> Run:
             return services.start_run(
@@ -173,17 +224,21 @@ class ConversationViewSet(
         outcome = _once_per_key(request, start)
         return _accepted(RunSerializer(outcome.run).data, outcome)
 
-    def _validated(self, serializer_class: type, request: Request) -> dict[str, Any]:
-        """Validate the body; resolve the workflow (or the default) to a spec."""
-        serializer = serializer_class(data=request.data, context={"workflows": visible_workflows(request)})
+    def _validated(self, serializer_class: type, request: Request, conversation: Conversation) -> dict[str, Any]:
+        """Validate the body; resolve the workflow (or the default) to a spec.
+
+        A workflow name means what it means to the run's owner, the
+        conversation's (also when staff start the run).
+        """
+        serializer = serializer_class(data=request.data, context={"workflow_owner": conversation.owner})
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
         workflow = data.pop("workflow_obj", None)
         if "spec" not in data:
-            workflow = workflow or services.default_workflow()
+            workflow = workflow or services.default_workflow(conversation.owner)
             if workflow is None:
                 raise ValidationError(
-                    {"workflow": f'give a workflow or a spec: no default workflow "{settings.DEFAULT_WORKFLOW}"'}
+                    {"workflow": [f'give a workflow or a spec: no default workflow "{settings.DEFAULT_WORKFLOW}"']}
                 )
             data["spec"] = workflow.spec
         data["workflow"] = workflow
@@ -256,8 +311,14 @@ def last_event_id(request: Request) -> int:
 
 
 class RunFilter(filters.FilterSet):
-    """The run list's filters: ``status``, ``conversation`` (an id) and ``workflow__name``."""
+    """The run list's filters: ``status``, ``conversation`` (an id) and ``workflow__name``.
 
+    Both look only among what the caller can see: another user's conversation
+    is refused like a missing one (400), and another user's workflow name
+    matches nothing, so neither tells that it exists.
+    """
+
+    conversation = filters.ModelChoiceFilter(queryset=visible_conversations, label="Conversation")
     workflow__name = filters.CharFilter(method="filter_workflow_name", label="Workflow name")
 
     class Meta:
@@ -265,17 +326,19 @@ class RunFilter(filters.FilterSet):
         fields = ["status", "conversation"]
 
     def filter_workflow_name(self, runs: QuerySet[Run], name: str, value: str) -> QuerySet[Run]:
-        """The runs of the workflow named ``value``; none if there is no such workflow.
+        """The runs of the workflows named ``value`` that the caller sees; none if there is none.
 
-        The name is looked up first (one query) and the runs filtered by the
-        workflow's id. Through a join (or a subquery) PostgreSQL plans without
-        knowing which workflow, assumes an average one's share of the runs, and
-        walks all runs newest first looking for a rare workflow's; given the id
-        it uses the column's statistics and takes run_workflow_list_idx (for a
-        user, run_owner_workflow_list_idx) when the workflow's runs are few.
+        Names are unique per owner: a user's own workflow and a shared one may
+        share a name (staff: any number). The names are looked up first (one
+        query) and the runs filtered by the workflows' ids. Through a join (or
+        a subquery) PostgreSQL plans without knowing which workflow, assumes an
+        average one's share of the runs, and walks all runs newest first
+        looking for a rare workflow's; given the ids it uses the column's
+        statistics and takes run_workflow_list_idx (for a user,
+        run_owner_workflow_list_idx) when the workflows' runs are few.
         """
-        workflow_id = Workflow.objects.filter(name=value).values_list("pk", flat=True).first()
-        return runs.none() if workflow_id is None else runs.filter(workflow_id=workflow_id)
+        workflow_ids = list(visible_workflows(self.request).filter(name=value).values_list("pk", flat=True))
+        return runs.filter(workflow_id__in=workflow_ids) if workflow_ids else runs.none()
 
 
 class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
