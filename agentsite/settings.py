@@ -19,11 +19,40 @@ env = environ.Env()
 DEV_SECRET_KEY = "django-insecure-agentsite-development-key"
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env.str("SECRET_KEY", default=DEV_SECRET_KEY)
-if not DEBUG and SECRET_KEY == DEV_SECRET_KEY:
-    raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+# The key signs sessions, CSRF tokens and password reset links: outside DEBUG a
+# missing one, or the development key anyone can read here, is refused.
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not DEBUG and SECRET_KEY.strip() in ("", DEV_SECRET_KEY):
+    problem = "missing" if not SECRET_KEY.strip() else "the development key"
+    raise ImproperlyConfigured(
+        f"SECRET_KEY is {problem} and DEBUG is off: set SECRET_KEY to a long random secret of your own "
+        "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), or DEBUG=1 for development"
+    )
+SECRET_KEY = SECRET_KEY if SECRET_KEY.strip() else DEV_SECRET_KEY
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+# Origins (scheme included) whose unsafe requests CSRF accepts besides the host's own.
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS (production) -----------------------------------------------------
+# All off by default, so bin/run and the tests work over plain HTTP on
+# loopback; production turns them on (README, "Security"), and
+# `manage.py check --deploy` names any that is missing.
+# Behind a proxy that terminates TLS, Django sees plain HTTP. The proxy's
+# X-Forwarded-Proto is trusted only when asked: without a proxy that sets it,
+# a client could send it and pass for HTTPS.
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("USE_X_FORWARDED_PROTO", default=False) else None
+)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Load balancers and orchestrators probe health over plain HTTP inside the
+# network; a redirect would read as a failure (or follow to a name they cannot reach).
+SECURE_REDIRECT_EXEMPT = env.list("SECURE_REDIRECT_EXEMPT", default=[r"^healthz$", r"^readyz$"])
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
