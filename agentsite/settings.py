@@ -74,6 +74,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "agentsite.limits.RequestBodyLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -181,11 +182,41 @@ LOGGING = {
 
 # --- Cache (Redis) --------------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# The API's throttles count requests here, so every web process shares the counts.
+# A Redis that does not answer holds a request up for seconds at most (the
+# throttles then let it through: orchestration/api/throttling.py).
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
     }
+}
+
+# --- Request limits ---------------------------------------------------------------
+# A body larger than this is refused with 413 before anything reads it
+# (agentsite/limits.py); Django's own check on the body it reads agrees with it.
+REQUEST_MAX_BYTES = env.int("REQUEST_MAX_BYTES", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_MAX_BYTES
+# The largest spec and run input, as compact UTF-8 JSON, and the longest message.
+SPEC_MAX_BYTES = env.int("SPEC_MAX_BYTES", default=256 * 1024)
+RUN_INPUT_MAX_BYTES = env.int("RUN_INPUT_MAX_BYTES", default=256 * 1024)
+MESSAGE_MAX_CHARS = env.int("MESSAGE_MAX_CHARS", default=100_000)
+# ?page_size= asks for up to this many items per page (more are clamped to it).
+API_MAX_PAGE_SIZE = env.int("API_MAX_PAGE_SIZE", default=200)
+
+
+def throttle_rate(name: str, default: str) -> str | None:
+    """A DRF rate such as "100/min" from the environment; empty means no limit."""
+    return env.str(name, default=default) or None
+
+
+# Requests per client to the API (not to pages, probes or /metrics). Generous
+# for people and scripts; starting runs costs workers, so it has a budget of its own.
+THROTTLE_RATES = {
+    "anon": throttle_rate("THROTTLE_ANON_RATE", "60/min"),
+    "user": throttle_rate("THROTTLE_USER_RATE", "600/min"),
+    "run_create": throttle_rate("THROTTLE_RUN_CREATE_RATE", "60/min"),
 }
 
 # --- REST API ---------------------------------------------------------------
@@ -201,6 +232,15 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_PAGINATION_CLASS": "orchestration.api.pagination.Pagination",
+    "DEFAULT_THROTTLE_CLASSES": [
+        "orchestration.api.throttling.AnonThrottle",
+        "orchestration.api.throttling.UserThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": THROTTLE_RATES,
+    # Anonymous clients are told apart by address: trust X-Forwarded-For only
+    # from this many proxies in front of the web (0: the peer's address), or a
+    # client could pick a fresh identity per request.
+    "NUM_PROXIES": env.int("THROTTLE_NUM_PROXIES", default=0),
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "orchestration.api.errors.exception_handler",

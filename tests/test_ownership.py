@@ -149,7 +149,8 @@ def _methods(pattern: URLPattern) -> set[str]:
     """The methods a pattern's view answers (not OPTIONS and HEAD, which every view has)."""
     actions = getattr(pattern.callback, "actions", None)  # a DRF viewset's route
     if actions is not None:
-        return set(actions)
+        # DRF adds "head" to a viewset's actions once it has answered a GET.
+        return set(actions) - {"options", "head"}
     view_class = getattr(pattern.callback, "cls", None) or getattr(pattern.callback, "view_class", None)
     assert view_class is not None, f"{pattern}: a view without a class; say what it owes in ROUTES"
     return {m for m in view_class.http_method_names if hasattr(view_class, m)} - {"options", "head"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
@@ -27,7 +28,19 @@ def reject_nul(value: Any, path: str = "") -> None:
             reject_nul(item, f"{path}[{index}]")
 
 
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON: what a limit on stored JSON counts."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def reject_larger_than(value: Any, limit: int, path: str) -> None:
+    size = json_size(value)
+    if size > limit:
+        raise serializers.ValidationError(f"{path}: {size} bytes of JSON, more than the limit of {limit} bytes")
+
+
 def validate_spec(spec: Any) -> Any:
+    reject_larger_than(spec, settings.SPEC_MAX_BYTES, "spec")
     reject_nul(spec, "spec")
     try:
         plan(spec)
@@ -41,6 +54,7 @@ class SpecField(serializers.JSONField):
 
 
 def validate_input(value: Any) -> Any:
+    reject_larger_than(value, settings.RUN_INPUT_MAX_BYTES, "input")
     reject_nul(value, "input")
     return value
 
@@ -232,7 +246,7 @@ class WorkflowChoiceMixin(serializers.Serializer):
 
 
 class PostMessageSerializer(WorkflowChoiceMixin):
-    content = serializers.CharField(max_length=100_000)
+    content = serializers.CharField(max_length=settings.MESSAGE_MAX_CHARS)
 
 
 class StartRunSerializer(WorkflowChoiceMixin):

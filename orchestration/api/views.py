@@ -26,6 +26,7 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
+from rest_framework.throttling import BaseThrottle
 
 from orchestration import services
 from orchestration.events import EventStream, NoStreamSlot
@@ -45,6 +46,7 @@ from .serializers import (
     StartRunSerializer,
     WorkflowSerializer,
 )
+from .throttling import RunCreationThrottle
 
 
 def _is_staff(request: Request) -> bool:
@@ -176,6 +178,12 @@ class ConversationViewSet(
 
     def perform_create(self, serializer: BaseSerializer[Conversation]) -> None:
         serializer.save(owner=self.request.user)
+
+    def get_throttles(self) -> list[BaseThrottle]:
+        throttles = super().get_throttles()
+        if self.request.method == "POST" and self.action in ("messages", "runs"):
+            throttles.append(RunCreationThrottle())
+        return throttles
 
     @extend_schema(
         request=PostMessageSerializer, responses={200: MessageSerializer(many=True), 202: MessageAcceptedSerializer}

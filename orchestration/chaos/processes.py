@@ -127,6 +127,10 @@ def service_env(redis_url: str, database_url: str) -> dict[str, str]:
         "SENTRY_DSN": "",
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        # One user drives the API far faster than its run-creation rate: no throttling.
+        "THROTTLE_ANON_RATE": "",
+        "THROTTLE_USER_RATE": "",
+        "THROTTLE_RUN_CREATE_RATE": "",
         # Their metrics' files apart from those of a service running from this checkout.
         "PROMETHEUS_MULTIPROC_DIR": str(Path(__file__).resolve().parents[2] / "var" / "prometheus-services"),
     }
