@@ -309,6 +309,12 @@ WEBHOOK_STALL_AFTER = env.int("WEBHOOK_STALL_AFTER", default=WEBHOOK_BACKOFF_MAX
 # Outbound calls (webhooks) may go to loopback and private networks: only for
 # development and tests; in production they would let a user reach internal services.
 OUTBOUND_ALLOW_PRIVATE = env.bool("OUTBOUND_ALLOW_PRIVATE", default=False)
+# A URL a skill fetches (orchestration.outbound.fetch): the whole exchange within
+# this many seconds, redirects included; at most this many redirects, each checked
+# like the first URL; a response body no larger than this (bytes).
+OUTBOUND_TIMEOUT = env.float("OUTBOUND_TIMEOUT", default=10)
+OUTBOUND_MAX_REDIRECTS = env.int("OUTBOUND_MAX_REDIRECTS", default=5)
+OUTBOUND_MAX_BYTES = env.int("OUTBOUND_MAX_BYTES", default=1024 * 1024)
 
 # Where people open Flower (the admin links each step's task to it).
 FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/")
@@ -403,18 +409,12 @@ METRICS_ALLOWED_NETWORKS = [
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # --- Sentry -----------------------------------------------------------------
+# Errors only, scrubbed of what users wrote and of secrets (agentsite/sentry.py).
 SENTRY_DSN = env.str("SENTRY_DSN", default="")
 if SENTRY_DSN:
-    import sentry_sdk
-    from sentry_sdk.integrations.celery import CeleryIntegration
-    from sentry_sdk.integrations.django import DjangoIntegration
+    from agentsite import sentry
 
-    sentry_sdk.init(
-        dsn=SENTRY_DSN,
-        integrations=[DjangoIntegration(), CeleryIntegration()],
-        send_default_pii=False,
-        environment=env.str("SENTRY_ENVIRONMENT", default="production"),
-    )
+    sentry.start(SENTRY_DSN, environment=env.str("SENTRY_ENVIRONMENT", default="production"))
 
 # Pages log in with Django's own login form (templates/registration/).
 LOGIN_URL = "login"

@@ -1,29 +1,68 @@
 """Outbound HTTP that cannot be pointed at the service's own network (SSRF).
 
-A URL given by a user (a webhook) is resolved once; every address it
-resolves to must be public (not loopback, private, link-local, multicast,
-reserved), unless OUTBOUND_ALLOW_PRIVATE says otherwise (development, tests).
-The request then connects to the address that was checked, so a DNS answer
-that changes in between (rebinding) cannot redirect it; the URL's host is
-still sent as Host and as the TLS server name, so certificates are verified
-as usual. Redirects are not followed, and time and response size are capped.
+Skills fetch URLs with ``fetch``; webhooks POST with ``post``. Every URL,
+the first one and each redirect's, passes the same checks:
+
+- only http and https, and no credentials in the URL;
+- its host is resolved once, and every address it resolves to must be public
+  (``is_public``: not loopback, private, link-local, shared, multicast or
+  reserved, nor an IPv6 address that embeds such an IPv4 one), unless
+  OUTBOUND_ALLOW_PRIVATE says otherwise (development, tests). A numeric host
+  in any notation the C library reads (``2130706433``, ``0x7f000001``,
+  ``127.1``) is the address it denotes;
+- the request connects to the address that was checked, so a DNS answer
+  that changes in between (rebinding) cannot redirect it; the URL's host is
+  still sent as Host and as the TLS server name, so certificates are
+  verified as usual.
+
+``fetch`` follows at most OUTBOUND_MAX_REDIRECTS redirects (and drops
+credential headers when one leaves the origin); ``post`` follows none. The
+whole exchange, redirects included, has one time budget, and a response body
+has a size cap: ``fetch`` fails past it, ``post`` keeps the start of it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
 from django.conf import settings
 
 ALLOWED_SCHEMES = ("http", "https")
-RESPONSE_LIMIT = 64 * 1024  # bytes of a response kept (for the delivery record)
+RESPONSE_LIMIT = 64 * 1024  # bytes of a webhook's response kept (for the delivery record)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Not sent on to another origin by a redirect.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+TRANSFER_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+# What inet_aton may read as an IPv4 address: decimal, octal or hex parts.
+NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class UnsafeURL(ValueError):
+class OutboundError(Exception):
+    """An outbound call was refused or cut short; the message says why."""
+
+
+class UnsafeURL(OutboundError, ValueError):
     """The URL may not be called; the message says why."""
+
+
+class TooManyRedirects(OutboundError):
+    pass
+
+
+class ResponseTooLarge(OutboundError):
+    pass
+
+
+class DeadlineExceeded(OutboundError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -32,49 +71,172 @@ class Reply:
     body: str
 
 
+def is_public(address: IPAddress) -> bool:
+    """Whether ``address`` is on the public internet, and so may be called."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None and not is_public(embedded):
+            return False
+    # is_global is False for private, loopback, link-local, shared (100.64/10) and
+    # unspecified addresses, but True for multicast and some reserved ones (::/8).
+    return address.is_global and not (address.is_multicast or address.is_reserved)
+
+
 def check_url(url: str) -> list[str]:
     """The addresses ``url`` may be called at; raises UnsafeURL if none or any is not allowed."""
-    parsed = httpx.URL(url)
+    return _checked_addresses(_parse(url))
+
+
+def fetch(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    max_bytes: int | None = None,
+    max_redirects: int | None = None,
+) -> httpx.Response:
+    """GET ``url``, following redirects that pass the same checks; the response, read in full.
+
+    ``timeout`` is for the whole exchange, redirects included; the defaults
+    are OUTBOUND_TIMEOUT, OUTBOUND_MAX_BYTES and OUTBOUND_MAX_REDIRECTS. Any
+    status is returned (``raise_for_status`` is the caller's). Raises
+    UnsafeURL, TooManyRedirects, ResponseTooLarge or DeadlineExceeded (all
+    OutboundError), or httpx.HTTPError when the call fails (connect,
+    protocol, one read or write over the time left).
+    """
+    limit = settings.OUTBOUND_MAX_BYTES if max_bytes is None else max_bytes
+    redirects = settings.OUTBOUND_MAX_REDIRECTS if max_redirects is None else max_redirects
+    deadline = _deadline(settings.OUTBOUND_TIMEOUT if timeout is None else timeout)
+    target = _parse(url)
+    request_headers = dict(headers or {})
+    with _client() as client:
+        for _ in range(redirects + 1):
+            response = _exchange(client, "GET", target, None, request_headers, deadline, limit, cut=False)
+            location = response.headers.get("location")
+            if response.status_code not in REDIRECT_STATUSES or not location:
+                return response
+            following = _parse(str(target.join(location)))
+            if _origin(following) != _origin(target):
+                request_headers = {k: v for k, v in request_headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+            target = following
+    raise TooManyRedirects(f"more than {redirects} redirects, last to {str(target)!r}")
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Reply:
+    """POST ``body`` to ``url`` at an address ``check_url`` allowed; redirects are not followed.
+
+    The reply keeps the first RESPONSE_LIMIT bytes of the response. Raises
+    UnsafeURL or DeadlineExceeded (OutboundError), or httpx.HTTPError when
+    the call fails (connect, timeout, protocol).
+    """
+    with _client() as client:
+        response = _exchange(client, "POST", _parse(url), body, headers, _deadline(timeout), RESPONSE_LIMIT, cut=True)
+    return Reply(status=response.status_code, body=response.content.decode("utf-8", "replace"))
+
+
+def _parse(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UnsafeURL(f"not a valid URL: {exc}") from exc
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise UnsafeURL(f"only http and https URLs are allowed, not {parsed.scheme or 'none'!r}")
     if not parsed.host:
         raise UnsafeURL("the URL has no host")
     if parsed.userinfo:
         raise UnsafeURL("the URL must not carry credentials")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UnsafeURL(f"the host {parsed.host!r} does not resolve: {exc.strerror}") from exc
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return parsed
+
+
+def _checked_addresses(target: httpx.URL) -> list[str]:
+    addresses = _resolve(target.host, _port(target))
     for address in addresses:
         if not _allowed(ipaddress.ip_address(address)):
-            raise UnsafeURL(f"the host {parsed.host!r} resolves to {address}, which is not a public address")
+            raise UnsafeURL(f"the host {target.host!r} resolves to {address}, which is not a public address")
     return addresses
 
 
-def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return address.is_global or settings.OUTBOUND_ALLOW_PRIVATE
+def _resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` denotes: a numeric IPv4 host in any notation is its own, else DNS's."""
+    if NUMERIC_HOST.fullmatch(host):
+        try:
+            return [socket.inet_ntoa(socket.inet_aton(host))]
+        except OSError:
+            pass  # not a number after all (say, "cafe.be"): a name
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UnsafeURL(f"the host {host!r} does not resolve: {exc.strerror}") from exc
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Reply:
-    """POST ``body`` to ``url`` at an address ``check_url`` allowed.
+def _allowed(address: IPAddress) -> bool:
+    return settings.OUTBOUND_ALLOW_PRIVATE or is_public(address)
 
-    Raises UnsafeURL, or httpx.HTTPError when the call fails (connect,
-    timeout, protocol).
-    """
-    address = check_url(url)[0]
-    target = httpx.URL(url)
-    pinned = target.copy_with(host=address)
+
+def _port(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    return (url.scheme, url.host, _port(url))
+
+
+def _client() -> httpx.Client:
+    return httpx.Client(follow_redirects=False, trust_env=False)
+
+
+def _deadline(timeout: float) -> float:
+    return time.monotonic() + timeout
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the call took longer than its time limit")
+    return left
+
+
+def _exchange(
+    client: httpx.Client,
+    method: str,
+    target: httpx.URL,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    deadline: float,
+    max_bytes: int,
+    cut: bool,
+) -> httpx.Response:
+    """One request to the checked address of ``target``; its response with the body read (see _read)."""
+    pinned = target.copy_with(host=_checked_addresses(target)[0])
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    request_headers = {**headers, "Host": target.netloc.decode("ascii")}
-    with (
-        httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client,
-        client.stream("POST", pinned, content=body, headers=request_headers, extensions=extensions) as response,
-    ):
-        kept = b""
-        for chunk in response.iter_bytes():
-            kept += chunk[: RESPONSE_LIMIT - len(kept)]
-            if len(kept) >= RESPONSE_LIMIT:
-                break
-        return Reply(status=response.status_code, body=kept.decode("utf-8", "replace"))
+    # Identity: a compressed body could grow far past max_bytes in one decoded chunk.
+    request_headers = {"Accept-Encoding": "identity", **headers, "Host": target.netloc.decode("ascii")}
+    with client.stream(
+        method, pinned, content=body, headers=request_headers, extensions=extensions, timeout=_time_left(deadline)
+    ) as response:
+        content = _read(response, deadline, max_bytes, cut)
+    # The body is decoded and may be cut: headers that describe it as sent would lie.
+    kept_headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in TRANSFER_HEADERS]
+    return httpx.Response(
+        response.status_code,
+        headers=kept_headers,
+        content=content,
+        request=httpx.Request(method, target),
+    )
+
+
+def _read(response: httpx.Response, deadline: float, max_bytes: int, cut: bool) -> bytes:
+    """The body, read until ``max_bytes`` (then cut, or ResponseTooLarge) or the deadline (DeadlineExceeded)."""
+    declared = response.headers.get("content-length", "")
+    if not cut and declared.isdigit() and int(declared) > max_bytes:
+        raise ResponseTooLarge(f"the response is {declared} bytes, more than the {max_bytes} allowed")
+    kept = bytearray()
+    for chunk in response.iter_bytes():
+        kept += chunk
+        if len(kept) > max_bytes:
+            if cut:
+                return bytes(kept[:max_bytes])
+            raise ResponseTooLarge(f"the response is more than the {max_bytes} bytes allowed")
+        _time_left(deadline)
+    return bytes(kept)

@@ -138,7 +138,7 @@ def _send(delivery: WebhookDelivery) -> tuple[int | None, str]:
         reply = outbound.post(delivery.url, body, headers, timeout=settings.WEBHOOK_TIMEOUT)
     except outbound.UnsafeURL as exc:
         return None, f"refused: {exc}"
-    except httpx.HTTPError as exc:
+    except (outbound.OutboundError, httpx.HTTPError) as exc:
         return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if 200 <= reply.status < 300:
         return reply.status, ""

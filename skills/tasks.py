@@ -35,7 +35,7 @@ from orchestration import state
 from orchestration.models import Step, StepStatus
 from orchestration.state import ClaimOutcome
 
-from .registry import SkillContext, registry
+from .registry import SkillContext, SkillError, registry
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,10 @@ def _handle_failure(
         kwargs = {k: v for k, v in _kwargs(task).items() if k not in ("done", "outages")}
         headers = {**(task.request.headers or {}), DELIVERY_HEADER: uuid.uuid4().hex}
         raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
+    if not isinstance(exc, SkillError | SoftTimeLimitExceeded):
+        # Not an outcome the skill chose but a bug or an outage: its traceback
+        # goes to the log, and so to Sentry (agentsite/sentry.py scrubs it).
+        log.error("step %s: skill %s raised %s", step.pk, step.skill, type(exc).__name__, exc_info=exc)
     if step.optional:
         if not state.skip_step(state.StepRef.of(step), error, delivery, finishes_run, timed_out):
             raise Ignore()

@@ -34,6 +34,7 @@ from orchestration.services import cancel_run
 
 from .factories import UserFactory, token_for
 from .otlp import OtlpReceiver
+from .sentry_receiver import SentryReceiver
 
 WORKER_CONCURRENCY = 4
 # One log per database, overwritten by each session that uses it.
@@ -77,8 +78,21 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="session")
+def sentry_receiver() -> Iterator[SentryReceiver]:
+    """Where the test worker reports errors, as to Sentry (tests/sentry_receiver.py)."""
+    receiver = SentryReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
 def celery_worker_process(
-    django_db_setup: None, django_db_blocker: Any, metrics_files: None, otlp_receiver: OtlpReceiver
+    django_db_setup: None,
+    django_db_blocker: Any,
+    metrics_files: None,
+    otlp_receiver: OtlpReceiver,
+    sentry_receiver: SentryReceiver,
 ) -> Iterator[Worker]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
@@ -88,6 +102,8 @@ def celery_worker_process(
     # unless a test instruments it.
     env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     env |= {"LOG_FORMAT": "json"}
+    # Errors reported to the receiver, through the SDK's own transport (tests/test_sentry.py).
+    env |= {"SENTRY_DSN": sentry_receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
     name = f"test-{os.getpid()}@localhost"
     command = [sys.executable, "-m", "celery", "-A", "agentsite", "worker", "--pool=prefork"]
     command += [f"--concurrency={WORKER_CONCURRENCY}", "--loglevel=INFO", "-n", name]
