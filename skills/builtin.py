@@ -37,7 +37,8 @@ def sleep(ctx: SkillContext, input: Any) -> Any:
 
 @skill(
     description="Sleeps args.seconds (default 0), then applies a side effect: one "
-    "skills.Effect row keyed by the step's idempotency key, never deduplicated. "
+    "skills.Effect row keyed by the step's idempotency key, never deduplicated; "
+    "then sleeps args.after (default 0) before it returns. "
     "Fault-injection tests count the rows to prove no effect is applied twice.",
     soft_time_limit=30,
     time_limit=40,
@@ -47,6 +48,7 @@ def sleep(ctx: SkillContext, input: Any) -> Any:
 def effect(ctx: SkillContext, input: Any) -> Any:
     _sleep(float(ctx.args.get("seconds", 0)), shield=False)
     Effect.objects.create(key=ctx.idempotency_key, run_id=ctx.run_id)
+    _sleep(float(ctx.args.get("after", 0)), shield=False)
     return input
 
 

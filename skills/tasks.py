@@ -24,6 +24,7 @@ from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined] 
 from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_postrun, task_prerun, worker_process_init
 from celery.worker.request import Request
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
@@ -50,6 +51,9 @@ DATABASE_DOWN = (OperationalError, InterfaceError)
 BUSY_RECHECK = 1.0
 # Held while a step's output is stored: Celery's stop, and billiard's soft time limit.
 HELD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What the worker's main process sends a step's pool process instead of
+# SIGTERM when it cancels the step (StepRequest.cancel): finish it, then exit.
+FINISH_THEN_EXIT = signal.SIGUSR2
 
 
 class StepRequest(Request):
@@ -64,6 +68,17 @@ class StepRequest(Request):
     because the broker connection was lost (the broker hands the message
     back, or lost it and the sweeper resumes the run).
     """
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Celery cancels a running acks-late task when the broker connection drops (and on a cold shutdown).
+
+        A step is not stopped there: its pool process finishes it (output
+        stored, next step sent) and then exits (``finish_step_then_exit``).
+        Stopped mid-skill, a step whose skill had applied its effect but not
+        returned yet would run, and apply it, again; and the claim already
+        keeps the message's returning copy from running it twice.
+        """
+        super().cancel(pool, signal=signal or FINISH_THEN_EXIT, emit_retry=emit_retry)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         self._release_if_gone(exc_info.exception)
@@ -120,11 +135,11 @@ def run_step(
 ) -> Any:
     """Run one step; with ``finishes_run`` (the spec's last step) its output ends the run too.
 
-    After a database outage the task retries as the same delivery (its
-    headers are copied); ``done`` then carries a skill output still to store.
+    After a database outage the task retries as the same delivery
+    (``_headers``); ``done`` then carries a skill output still to store.
     """
     telemetry.bind_step(step_id=step_id)
-    delivery = (self.request.headers or {}).get(DELIVERY_HEADER) or str(self.request.id)
+    delivery = delivery_of(self.request)
     try:
         if done is not None:
             return _store(state.StepRef.load(step_id), delivery, done["output"], finishes_run)
@@ -141,8 +156,8 @@ def _run(
     step = claim.step
     telemetry.bind_step(run_id=step.run_id, skill=step.skill)
     if claim.outcome is ClaimOutcome.BUSY:
-        # Same delivery id (the headers are copied): it is this message again.
-        raise task.retry(countdown=BUSY_RECHECK, max_retries=None)
+        # The same delivery: it is this message again.
+        raise task.retry(countdown=BUSY_RECHECK, max_retries=None, headers=_headers(task, delivery))
     if claim.outcome is not ClaimOutcome.RUN:
         return _not_run(claim)
     skill = registry.get(step.skill)
@@ -160,6 +175,51 @@ def _run(
         # The skill's work is done: retry storing its output, never the skill.
         _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
         raise  # not reached: _retry_later raises
+
+
+class _PoolProcess:
+    """This pool process: whether a step runs in it, and whether it is to exit once the step is done."""
+
+    in_step = False
+    exit_after_step = False
+
+
+@worker_process_init.connect
+def listen_for_finish_then_exit(**kwargs: Any) -> None:
+    signal.signal(FINISH_THEN_EXIT, finish_step_then_exit)
+
+
+def finish_step_then_exit(signum: int, frame: Any) -> None:
+    """FINISH_THEN_EXIT: exit now if no step runs here, else once it is done (``leave_step``)."""
+    if not _PoolProcess.in_step:
+        _exit_as_terminated()
+    _PoolProcess.exit_after_step = True
+
+
+@task_prerun.connect
+def enter_step(sender: Task | None = None, **kwargs: Any) -> None:
+    if _is_step(sender):
+        _PoolProcess.in_step = True
+
+
+@task_postrun.connect
+def leave_step(sender: Task | None = None, **kwargs: Any) -> None:
+    """After a step's task: its outcome is stored and its successor sent."""
+    if not _is_step(sender):
+        return
+    _PoolProcess.in_step = False
+    if _PoolProcess.exit_after_step:
+        _exit_as_terminated()
+
+
+def _is_step(task: Task | None) -> bool:
+    return getattr(task, "name", None) == "agentsite.run_step"
+
+
+def _exit_as_terminated() -> None:
+    """End this process as Celery's SIGTERM would have: the worker's main process expects that."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)
 
 
 @contextmanager
@@ -188,7 +248,7 @@ def _terminated_only_after() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if signal.SIGTERM in held:
-            signal.raise_signal(signal.SIGTERM)
+            _exit_as_terminated()
 
 
 def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool) -> Any:
@@ -209,7 +269,8 @@ def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] 
     if done is not None:
         kwargs["done"] = done
     log.warning("step %s: database unavailable (%r); retry %s", kwargs.get("step_id"), exc, outages + 1)
-    raise task.retry(kwargs=kwargs, countdown=backoff(outages + 1, 1, settings.STEP_DB_BACKOFF_MAX), exc=exc)
+    countdown = backoff(outages + 1, 1, settings.STEP_DB_BACKOFF_MAX)
+    raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=_headers(task, delivery_of(task.request)))
 
 
 def _not_run(claim: state.Claim) -> Any:
@@ -240,7 +301,7 @@ def _handle_failure(
         state.retry_step(state.StepRef.of(step), error, countdown, timed_out)
         # A new delivery: if this message is redelivered too, only one of them runs.
         kwargs = {k: v for k, v in _kwargs(task).items() if k not in ("done", "outages")}
-        headers = {**(task.request.headers or {}), DELIVERY_HEADER: uuid.uuid4().hex}
+        headers = _headers(task, uuid.uuid4().hex)
         raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
     if not isinstance(exc, SkillError | SoftTimeLimitExceeded):
         # Not an outcome the skill chose but a bug or an outage: its traceback
@@ -270,6 +331,22 @@ def _context(step: Step) -> SkillContext:
         args=step.args,
         attempt=step.attempts,
     )
+
+
+def delivery_of(request: Any) -> str:
+    """The delivery id of the message being run (DELIVERY_HEADER; else its task id).
+
+    Read off the request, where Celery puts every message header, not off
+    ``request.headers``: that is a header literally named "headers" when a
+    message has one (celery#4875; Sentry's Celery integration adds it, with
+    the headers given at publish, before ours was set).
+    """
+    return getattr(request, DELIVERY_HEADER, None) or str(request.id)
+
+
+def _headers(task: Task, delivery: str) -> dict[str, Any]:
+    """Headers for a retry of this step's message as ``delivery``."""
+    return {**(task.request.headers or {}), DELIVERY_HEADER: delivery}
 
 
 def _kwargs(task: Task) -> dict[str, Any]:
