@@ -368,12 +368,13 @@ CELERY_BEAT_SCHEDULE = {
 # Survives a broker restart with unacknowledged messages (agentsite/celery.py).
 CELERY_WORKER_CONSUMER = "agentsite.celery:Consumer"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# On a lost broker connection, Celery stops running acks-late tasks, since it
-# cannot acknowledge them. Letting them finish was tried: the worker's main loop
-# is blocked while it reconnects, and soft time limits that fell due meanwhile
-# were then signalled to idle pool processes, which broke the pool (the worker
-# exited). A stopped step is released for its returning message (skills/tasks.py),
-# and is never stopped between its skill's return and its stored outcome.
+# On a lost broker connection, Celery cancels running acks-late tasks, since it
+# cannot acknowledge them. A step's pool process is told to finish the step and
+# then exit (skills/tasks.py: StepRequest.cancel), so no step is stopped
+# mid-skill. Turning the cancel off was tried: the worker's main loop is blocked
+# while it reconnects, and soft time limits that fell due meanwhile were then
+# signalled to pool processes that had moved on, which broke the pool (the
+# worker exited); a process that exits leaves no one to signal.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Defaults for tasks that set nothing; every step signature sets its own.
 CELERY_TASK_SOFT_TIME_LIMIT = 300
