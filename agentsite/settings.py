@@ -242,7 +242,7 @@ REST_FRAMEWORK = {
     # client could pick a fresh identity per request.
     "NUM_PROXIES": env.int("THROTTLE_NUM_PROXIES", default=0),
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "orchestration.api.schema.AutoSchema",
     "EXCEPTION_HANDLER": "orchestration.api.errors.exception_handler",
 }
 SPECTACULAR_SETTINGS = {

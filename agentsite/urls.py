@@ -6,6 +6,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from agentsite import health, metrics
 
+# Under /api/, a URL no route matches answers JSON like every other API error.
+handler404 = "orchestration.api.errors.not_found"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("orchestration.api.urls")),

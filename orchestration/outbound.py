@@ -167,6 +167,9 @@ def _resolve(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeURL(f"the host {host!r} does not resolve: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        # IDNA encoding, before any lookup: a label empty or over 63 characters.
+        raise UnsafeURL(f"the host {host!r} is not a valid host name") from exc
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

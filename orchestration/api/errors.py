@@ -6,6 +6,8 @@ import logging
 from typing import Any
 
 from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -20,3 +22,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         body = {"detail": "the database is unavailable; try again shortly"}
         return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"})
     return drf_exception_handler(exc, context)
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """Django's 404 (no route matched): JSON under /api/, the HTML page elsewhere.
+
+    DRF answers a 404 for an id its route matched; this one is for an id the
+    route's pattern refuses (``/api/runs/2.5e-3/``) and for unknown API paths.
+    """
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "no API resource at this URL"}, status=404)
+    return defaults.page_not_found(request, exception)

@@ -5,12 +5,35 @@ from typing import IO, Any
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser as DRFJSONParser
 
+# JSON nesting a body may have. Python's parser stops near its recursion limit
+# (about 1000 levels), but a body a little less deep than that still overflows
+# the stack later, when the view stores it (json.dumps under Django's frames):
+# a 500. Nothing this service takes needs more than a few dozen levels.
+MAX_DEPTH = 100
+
 
 class JSONParser(DRFJSONParser):
     """DRF's JSON parser, with a 400 (not a 500) for a body nested too deep."""
 
     def parse(self, stream: IO[Any], media_type: str | None = None, parser_context: Any = None) -> Any:
         try:
-            return super().parse(stream, media_type, parser_context)
+            data = super().parse(stream, media_type, parser_context)
         except RecursionError as exc:
             raise ParseError("JSON parse error - the body is nested too deeply") from exc
+        if nesting(data) > MAX_DEPTH:
+            raise ParseError(f"JSON parse error - the body is nested deeper than {MAX_DEPTH} levels")
+        return data
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects deep ``value`` goes (0 for a scalar); without recursion."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest

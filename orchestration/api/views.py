@@ -33,6 +33,7 @@ from orchestration.events import EventStream, NoStreamSlot
 from orchestration.models import Conversation, MessageRole, Run, Workflow
 from skills.registry import registry
 
+from .schema import field_errors
 from .serializers import (
     WORKFLOW_NAME_TAKEN,
     ConversationSerializer,
@@ -162,6 +163,16 @@ def _save_workflow(serializer: BaseSerializer[Workflow], **fields: Any) -> None:
         raise ValidationError({"name": [WORKFLOW_NAME_TAKEN]}) from exc
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    IDEMPOTENCY_HEADER,
+    str,
+    OpenApiParameter.HEADER,
+    description="A repeat with the same key returns the same run; the same key with another body is a 422.",
+)
+KEY_REUSED = field_errors("The Idempotency-Key was used for another request (or its first is still running).")
+
+
 class ConversationViewSet(
     OwnedMixin, mixins.ListModelMixin, mixins.CreateModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
@@ -185,8 +196,12 @@ class ConversationViewSet(
             throttles.append(RunCreationThrottle())
         return throttles
 
+    @extend_schema(methods=["GET"], responses=MessageSerializer(many=True))
     @extend_schema(
-        request=PostMessageSerializer, responses={200: MessageSerializer(many=True), 202: MessageAcceptedSerializer}
+        methods=["POST"],
+        request=PostMessageSerializer,
+        parameters=[IDEMPOTENCY_PARAMETER],
+        responses={202: MessageAcceptedSerializer, 422: KEY_REUSED},
     )
     @action(detail=True, methods=["get", "post"])
     def messages(self, request: Request, pk: str | None = None) -> Response:
@@ -212,7 +227,9 @@ class ConversationViewSet(
         body = {"message": MessageSerializer(message).data, "run": RunSerializer(outcome.run).data}
         return _accepted(body, outcome)
 
-    @extend_schema(request=StartRunSerializer, responses={202: RunSerializer})
+    @extend_schema(
+        request=StartRunSerializer, parameters=[IDEMPOTENCY_PARAMETER], responses={202: RunSerializer, 422: KEY_REUSED}
+    )
     @action(detail=True, methods=["post"])
     def runs(self, request: Request, pk: str | None = None) -> Response:
         conversation = self.get_object()
@@ -251,9 +268,6 @@ class ConversationViewSet(
             data["spec"] = workflow.spec
         data["workflow"] = workflow
         return data
-
-
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def _once_per_key(request: Request, create: Callable[[], Run]) -> services.Idempotent:
