@@ -146,6 +146,8 @@ class EventStream:
 
 def _stream(run_id: int, after: int) -> Generator[str, None, None]:
     yield f"retry: {RECONNECT_MS}\n\n"
+    if after and _ended_by(run_id, after):
+        return  # a client resuming after the run's last event: nothing more will come
     announcements = _subscribe(run_id)
     deadline = time.monotonic() + settings.EVENTS_STREAM_SECONDS
     try:
@@ -163,6 +165,12 @@ def _stream(run_id: int, after: int) -> Generator[str, None, None]:
     finally:
         if announcements is not None:
             announcements.close()
+
+
+def _ended_by(run_id: int, seq: int) -> bool:
+    """Whether the run's latest event is at or before ``seq`` and ended the run."""
+    latest = RunEvent.objects.filter(run_id=run_id).order_by("-seq").values_list("seq", "type").first()
+    return latest is not None and latest[0] <= seq and latest[1] in TERMINAL_EVENT_TYPES
 
 
 def _subscribe(run_id: int) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from django.conf import settings
 from django.utils import timezone
 
 from orchestration.models import Run, RunEvent
@@ -137,6 +138,18 @@ def test_a_stream_resumes_after_last_event_id(worker, user, live_server):
     assert resumed.ids == by_query.ids == everything.ids[3:]
     assert resumed.events == everything.events[3:]
     assert resumed.closed
+
+
+def test_a_stream_resumed_after_a_finished_runs_last_event_ends_at_once(worker, user, live_server):
+    run = wait_for_run(start_run(owner=user, spec={"chain": [effect("a")]}))
+    last = run.events.order_by("-seq").values_list("seq", flat=True).first()
+    started = time.monotonic()
+
+    resumed = read_stream(events_url(live_server, run), user, headers={"Last-Event-ID": str(last)})
+
+    assert resumed.closed
+    assert resumed.events == []
+    assert time.monotonic() - started < settings.EVENTS_KEEPALIVE_SECONDS  # not held with keepalives
 
 
 def test_a_bad_last_event_id_is_a_400_that_names_it(worker, user, live_server):
