@@ -29,7 +29,9 @@ class Site:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                site.requests.append({"path": self.path, "headers": dict(self.headers)})
+                # Read the body first: a reply sent over an unread body ends in a reset, not the reply.
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                site.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 site.routes.get(self.path, not_found)(self)
 
             do_POST = do_GET
