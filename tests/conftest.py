@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,14 @@ class Worker:
     process: subprocess.Popen[bytes]
 
 
-def _wait_until_ready(worker: Worker, timeout: float = 60) -> None:
+def _wait_until_ready(worker: Worker, log_path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.process.poll() is not None:
-            raise RuntimeError(f"the test worker exited; see {WORKER_LOG}")
+            raise RuntimeError(f"the test worker exited; see {log_path}")
         if app.control.ping(destination=[worker.name], timeout=0.5):
             return
-    raise RuntimeError(f"the test worker did not answer within {timeout}s; see {WORKER_LOG}")
+    raise RuntimeError(f"the test worker did not answer within {timeout}s; see {log_path}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,7 +80,7 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="session")
 def sentry_receiver() -> Iterator[SentryReceiver]:
-    """Where the test worker reports errors, as to Sentry (tests/sentry_receiver.py)."""
+    """Where a worker reports errors, as to Sentry (tests/sentry_receiver.py)."""
     receiver = SentryReceiver()
     receiver.start()
     yield receiver
@@ -88,32 +89,31 @@ def sentry_receiver() -> Iterator[SentryReceiver]:
 
 @pytest.fixture(scope="session")
 def celery_worker_process(
-    django_db_setup: None,
-    django_db_blocker: Any,
-    metrics_files: None,
-    otlp_receiver: OtlpReceiver,
-    sentry_receiver: SentryReceiver,
+    django_db_setup: None, django_db_blocker: Any, metrics_files: None, otlp_receiver: OtlpReceiver
 ) -> Iterator[Worker]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
-    env |= {"DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1"}
     # Tracing on, exported to the receiver in this process every 0.1 s; JSON logs
     # (tests/test_tracing.py reads both). The test process itself traces nothing
     # unless a test instruments it.
-    env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    env |= {"LOG_FORMAT": "json"}
-    # Errors reported to the receiver, through the SDK's own transport (tests/test_sentry.py).
-    env |= {"SENTRY_DSN": sentry_receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
-    name = f"test-{os.getpid()}@localhost"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with running_worker(f"test-{os.getpid()}@localhost", WORKER_CONCURRENCY, env, WORKER_LOG) as worker:
+        yield worker
+
+
+@contextmanager
+def running_worker(name: str, concurrency: int, env: dict[str, str], log_path: Path) -> Iterator[Worker]:
+    """A prefork worker subprocess on this session's broker and database, with ``env`` on top of ours."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")} | env
+    env |= {"DATABASE_URL": database_url(connection.settings_dict), "PYTHONUNBUFFERED": "1", "LOG_FORMAT": "json"}
     command = [sys.executable, "-m", "celery", "-A", "agentsite", "worker", "--pool=prefork"]
-    command += [f"--concurrency={WORKER_CONCURRENCY}", "--loglevel=INFO", "-n", name]
+    command += [f"--concurrency={concurrency}", "--loglevel=INFO", "-n", name]
     command += ["--without-gossip", "--without-mingle"]
-    WORKER_LOG.parent.mkdir(exist_ok=True)
-    with WORKER_LOG.open("wb") as log:
+    log_path.parent.mkdir(exist_ok=True)
+    with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=settings.BASE_DIR)
-    worker = Worker(name=name, concurrency=WORKER_CONCURRENCY, process=process)
+    worker = Worker(name=name, concurrency=concurrency, process=process)
     try:
-        _wait_until_ready(worker)
+        _wait_until_ready(worker, log_path)
         yield worker
     finally:
         process.terminate()

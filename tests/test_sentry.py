@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 from sentry_sdk.consts import DEFAULT_OPTIONS
 from sentry_sdk.utils import event_from_exception
 
 from agentsite import sentry, telemetry
+from agentsite.celery import app
 from orchestration.models import Run
 
-from .conftest import wait_for_run, wait_until
+from .conftest import WORKER_LOG, Worker, running_worker, wait_for_run, wait_until
 from .factories import ConversationFactory, token_for
+from .sentry_receiver import SentryReceiver
 
 PROMPT = "canary-prompt: the launch code is zebra-1492"
 API_KEY = "sk-canary-0123456789abcdef"
@@ -27,7 +31,27 @@ def leaked(text: str, *more_canaries: str) -> list[str]:
     return [canary for canary in (*CANARIES, *more_canaries) if canary in text]
 
 
-def test_a_failing_step_is_reported_with_its_step_and_skill_and_without_data(worker, sentry_receiver, api, user):
+@pytest.fixture
+def reporting_worker(worker: Worker, sentry_receiver: SentryReceiver) -> Iterator[Worker]:
+    """A worker that reports to the receiver takes the default queue from the session's for one test.
+
+    The session's worker runs without Sentry: with it, the tests that kill
+    pool processes failed now and then (a redelivered step ended as if
+    revoked), and those must stay exact.
+    """
+    app.control.cancel_consumer("default", destination=[worker.name], reply=True)
+    env = {"SENTRY_DSN": sentry_receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
+    log_path = WORKER_LOG.with_name(f"{WORKER_LOG.stem}-sentry.log")
+    try:
+        with running_worker(f"sentry-{os.getpid()}@localhost", 1, env, log_path) as reporting:
+            yield reporting
+    finally:
+        app.control.add_consumer("default", destination=[worker.name], reply=True)
+
+
+def test_a_failing_step_is_reported_with_its_step_and_skill_and_without_data(
+    reporting_worker, sentry_receiver, api, user
+):
     conversation = ConversationFactory.create(owner=user)
     # The skill chokes on its argument: the exception's message, the step's input
     # (the message content) and its arguments all carry the canaries.
