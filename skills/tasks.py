@@ -76,7 +76,10 @@ class StepRequest(Request):
         stored, next step sent) and then exits (``finish_step_then_exit``).
         Stopped mid-skill, a step whose skill had applied its effect but not
         returned yet would run, and apply it, again; and the claim already
-        keeps the message's returning copy from running it twice.
+        keeps the message's returning copy from running it twice. (In a pool
+        process SIGTERM is billiard's ``_shutdown_cleanup``: a SystemExit
+        raised once the call in progress returns, so an effect whose commit
+        was under way when the signal came is applied, then the step stops.)
         """
         super().cancel(pool, signal=signal or FINISH_THEN_EXIT, emit_retry=emit_retry)
 
