@@ -109,10 +109,13 @@ def _insert_event(run_id: int, step_id: int | None, type: str, data: dict[str, A
             return seq
         data_field = cast(models.JSONField, RunEvent._meta.get_field("data"))
         time_field = cast(models.DateTimeField, RunEvent._meta.get_field("created_at"))
+        # INSERT ... SELECT FROM next, not VALUES with a subquery: the row, and
+        # its id from the sequence, are made only once the run's row is locked,
+        # so a run's events' ids run in the order of their seqs.
         cursor.execute(
             f"WITH next AS ({take_seq}) INSERT INTO {quote(RunEvent._meta.db_table)}"
             " (run_id, seq, step_id, type, data, created_at)"
-            " VALUES (%s, (SELECT last_event_seq FROM next), %s, %s, %s, %s) RETURNING seq",
+            " SELECT %s, last_event_seq, %s, %s, %s, %s FROM next RETURNING seq",
             [
                 run_id,
                 run_id,
