@@ -44,9 +44,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.start()
         report["worker_concurrency"] = int(os.environ["WORKER_CONCURRENCY"])
         _phase(report, "shapes", measure.shapes_phase, stack, args.shapes, args.rounds, args.batch, args.latency_runs)
-        _phase(report, "memory", measure.memory_phase, stack, args.memory_runs, "single")
-        report["api"] = _timed("api", measure.api_phase, stack, args.api_rate, args.api_seconds)
-        _phase(report, "reads", measure.reads_phase, stack, args.steps, args.reads)
+        # A phase given 0 (runs, seconds or requests) is left out.
+        if args.memory_runs:
+            _phase(report, "memory", measure.memory_phase, stack, args.memory_runs, "single")
+        if args.api_seconds:
+            report["api"] = _timed("api", measure.api_phase, stack, args.api_rate, args.api_seconds)
+        if args.reads:
+            _phase(report, "reads", measure.reads_phase, stack, args.steps, args.reads)
     return report
 
 

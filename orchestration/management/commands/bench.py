@@ -42,11 +42,13 @@ class Command(BaseCommand):
         parser.add_argument("--rounds", type=int, default=3, help="ours/raw rounds per shape, interleaved")
         parser.add_argument("--batch", type=int, default=100, help="runs sent at once per round (throughput)")
         parser.add_argument("--latency-runs", type=int, default=30, help="runs one at a time per round (latency)")
-        parser.add_argument("--memory-runs", type=int, default=10_000, help="runs between the worker RSS readings")
+        parser.add_argument(
+            "--memory-runs", type=int, default=10_000, help="runs between the worker RSS readings (0: none)"
+        )
         parser.add_argument("--api-rate", type=int, default=100, help="run creations per second (locust)")
-        parser.add_argument("--api-seconds", type=int, default=20)
+        parser.add_argument("--api-seconds", type=int, default=20, help="0: no API phase")
         parser.add_argument("--steps", type=int, default=100_000, help="steps stored before timing list and detail")
-        parser.add_argument("--reads", type=int, default=200, help="list and detail requests each")
+        parser.add_argument("--reads", type=int, default=200, help="list and detail requests each (0: no reads phase)")
         parser.add_argument("--redis-db", type=int, default=12, help="the benchmark's Redis database number")
         parser.add_argument("--dir", type=Path, help="for its logs and SQLite database (default: var/bench)")
         parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object")
@@ -114,22 +116,32 @@ def format_report(report: dict[str, Any]) -> str:
             f"{shape:<9}{row['ours_per_s']:>9.1f}{row['raw_per_s']:>9.1f}{row['ratio']:>7.2f}"
             f"{row['ours_p50_ms']:>8.1f}ms{row['ours_p99_ms']:>8.1f}ms{row['raw_p50_ms']:>7.1f}ms"
         )
-    api = report["api"]
     lines += [
         "",
         f"database {report['database']}, worker concurrency {report['worker_concurrency']}, "
         f"{report['machine']['cpus']} CPUs",
-        f"API run creation at {api['post_rps']:.1f}/s for {api['seconds']} s (locust): "
-        f"p50 {api['post_p50_ms']:g} ms, p99 {api['post_p99_ms']:g} ms, "
-        f"{api['requests']} requests, {api['failures']} failed",
+    ]
+    if api := report.get("api"):
+        lines.append(
+            f"API run creation at {api['post_rps']:.1f}/s for {api['seconds']} s (locust): "
+            f"p50 {api['post_p50_ms']:g} ms, p99 {api['post_p99_ms']:g} ms, "
+            f"{api['requests']} requests, {api['failures']} failed"
+        )
+    lines.append(
         f"step overhead p50 {report['step_overhead_ms_p50']:.2f} ms one run at a time "
         f"(run_step {report['step_runtime_ms_p50']:.2f} ms - raw task {report['raw_task_runtime_ms_p50']:.2f} ms), "
-        f"{report['step_overhead_loaded_ms_p50']:.2f} ms in batches",
-        f"reads with {report['steps_stored']} steps stored: list p50 {report['list_p50_ms']} ms, "
-        f"p99 {report['list_p99_ms']} ms (?status= p99 {report['list_filtered_p99_ms']} ms); "
-        f"detail p50 {report['detail_p50_ms']} ms, p99 {report['detail_p99_ms']} ms",
-        f"worker RSS {report['worker_rss_before_mb']} MB before, {report['worker_rss_mb']} MB after "
-        f"{report['memory_runs']} runs",
-        f"took {report['seconds']} s",
-    ]
+        f"{report['step_overhead_loaded_ms_p50']:.2f} ms in batches"
+    )
+    if "list_p99_ms" in report:
+        lines.append(
+            f"reads with {report['steps_stored']} steps stored: list p50 {report['list_p50_ms']} ms, "
+            f"p99 {report['list_p99_ms']} ms (?status= p99 {report['list_filtered_p99_ms']} ms); "
+            f"detail p50 {report['detail_p50_ms']} ms, p99 {report['detail_p99_ms']} ms"
+        )
+    if "worker_rss_mb" in report:
+        lines.append(
+            f"worker RSS {report['worker_rss_before_mb']} MB before, {report['worker_rss_mb']} MB after "
+            f"{report['memory_runs']} runs"
+        )
+    lines.append(f"took {report['seconds']} s")
     return "\n".join(lines)
