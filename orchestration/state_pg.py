@@ -1,0 +1,225 @@
+"""PostgreSQL: a step's common transitions as one statement each.
+
+Every step makes two transitions: its claim (a pending step becomes running,
+and a queued run with it) and, once its skill returned, its output stored
+(and, the spec's last step, the run's success). Through the ORM each is a
+transaction of five to nine round trips; here each is one statement that
+PostgreSQL runs as its own transaction (data-modifying ``WITH``), so the
+same rows change, under the same locks, with the same events, in one round
+trip (docs/performance.md).
+
+Each function covers the common case only and returns None where it does
+not apply, changing nothing: ``orchestration.state`` then makes the
+transition the general way. Called by ``orchestration.state`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from django.conf import settings
+from django.db import connection, models, transaction
+
+from . import events
+from .models import ACTIVE_RUN_STATUSES, Conversation, Run, Step, StepStatus
+
+_ACTIVE = "(" + ", ".join(f"'{status}'" for status in ACTIVE_RUN_STATUSES) + ")"
+
+# The step's fields a claimed step is built from (besides its run's).
+_CLAIMED_FIELDS = (
+    "id",
+    "run_id",
+    "key",
+    "path",
+    "skill",
+    "args",
+    "optional",
+    "soft_time_limit",
+    "time_limit",
+    "ttl",
+    "retries",
+    "queue",
+    "task_id",
+    "attempts",
+    "redeliveries",
+    "started_at",
+    "lease_until",
+)
+
+# A pending step of an active run that this delivery did not hold before (not
+# a redelivery): hold it (and start its
+# run, if queued) and write the events, as state._hold does. The run's row is
+# locked (FOR UPDATE) before its seq is taken, which orders its events.
+CLAIM = f"""
+WITH step_ AS (
+    UPDATE orchestration_step AS s
+    SET status = 'running', delivery = %(delivery)s, attempts = s.attempts + 1,
+        started_at = COALESCE(s.started_at, %(now)s),
+        lease_until = %(now)s + make_interval(secs => s.time_limit + %(grace)s)
+    FROM orchestration_run AS r
+    WHERE s.id = %(step_id)s AND s.status = 'pending' AND s.delivery <> %(delivery)s
+      AND r.id = s.run_id AND r.status IN {_ACTIVE}
+    RETURNING {", ".join(f"s.{name}" for name in _CLAIMED_FIELDS)}
+),
+run_ AS (
+    UPDATE orchestration_run AS r
+    SET status = CASE WHEN old.status = 'queued' THEN 'running' ELSE old.status END,
+        started_at = CASE WHEN old.status = 'queued' THEN %(now)s ELSE old.started_at END,
+        last_event_seq = old.last_event_seq + CASE WHEN old.status = 'queued' THEN 2 ELSE 1 END
+    FROM (
+        SELECT id, status, started_at, last_event_seq FROM orchestration_run
+        WHERE id = (SELECT run_id FROM step_) FOR UPDATE
+    ) AS old
+    WHERE r.id = old.id
+    RETURNING r.id, r.status, r.conversation_id, r.last_event_seq, old.status = 'queued' AS started
+),
+events_ AS (
+    INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at)
+    SELECT run_.id, run_.last_event_seq - 1, NULL, 'run.running', '{{}}'::jsonb, %(now)s FROM run_ WHERE run_.started
+    UNION ALL
+    SELECT run_.id, run_.last_event_seq, step_.id, 'step.running',
+           jsonb_build_object('attempt', step_.attempts, 'redelivered', false), %(now)s
+    FROM run_, step_
+)
+SELECT step_.*, run_.status, run_.last_event_seq, run_.started, c.id, c.state
+FROM step_ CROSS JOIN run_ LEFT JOIN orchestration_conversation AS c ON c.id = run_.conversation_id
+"""
+
+# The held step succeeded, and its run goes on: state._finish_step without finishes_run.
+STORE = """
+WITH step_ AS (
+    UPDATE orchestration_step SET status = 'succeeded', output = %(output)s, error = '',
+        finished_at = %(now)s, lease_until = %(now)s
+    WHERE id = %(step_id)s AND status = 'running' AND delivery = %(delivery)s
+    RETURNING run_id
+),
+run_ AS (
+    UPDATE orchestration_run SET last_event_seq = last_event_seq + 1
+    WHERE id = (SELECT run_id FROM step_) RETURNING id, last_event_seq
+)
+INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at)
+SELECT id, last_event_seq, %(step_id)s, 'step.succeeded', '{}'::jsonb, %(now)s FROM run_
+RETURNING seq
+"""
+
+# The held step, the spec's last, succeeded: so does its run, if still active
+# (state._finish_step with finishes_run, then state._end_run). Runs with a
+# webhook take the general way (its delivery row is built from the ended run).
+STORE_LAST = f"""
+WITH step_ AS (
+    UPDATE orchestration_step AS s SET status = 'succeeded', output = %(output)s, error = '',
+        finished_at = %(now)s, lease_until = %(now)s
+    WHERE s.id = %(step_id)s AND s.status = 'running' AND s.delivery = %(delivery)s
+      AND NOT EXISTS (SELECT 1 FROM orchestration_run AS r WHERE r.id = s.run_id AND r.webhook_url <> '')
+    RETURNING s.run_id
+),
+run_ AS (
+    UPDATE orchestration_run AS r
+    SET status = CASE WHEN old.active THEN 'succeeded' ELSE r.status END,
+        output = CASE WHEN old.active THEN %(output)s ELSE r.output END,
+        error = CASE WHEN old.active THEN '' ELSE r.error END,
+        started_at = CASE WHEN old.active THEN COALESCE(r.started_at, %(now)s) ELSE r.started_at END,
+        finished_at = CASE WHEN old.active THEN %(now)s ELSE r.finished_at END,
+        last_event_seq = r.last_event_seq + CASE WHEN old.active THEN 2 ELSE 1 END
+    FROM (
+        SELECT id, status IN {_ACTIVE} AS active FROM orchestration_run
+        WHERE id = (SELECT run_id FROM step_) FOR UPDATE
+    ) AS old
+    WHERE r.id = old.id
+    RETURNING r.id, r.conversation_id, r.workflow_id, r.last_event_seq, old.active
+),
+cancelled_ AS (
+    UPDATE orchestration_step SET status = 'cancelled', error = 'not run: the run succeeded',
+        finished_at = %(now)s, lease_until = %(now)s
+    WHERE run_id = (SELECT id FROM run_ WHERE active) AND status = 'pending'
+),
+events_ AS (
+    INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at)
+    SELECT id, last_event_seq - CASE WHEN active THEN 1 ELSE 0 END, %(step_id)s, 'step.succeeded', '{{}}'::jsonb,
+           %(now)s
+    FROM run_
+    UNION ALL
+    SELECT id, last_event_seq, NULL, 'run.succeeded', '{{}}'::jsonb, %(now)s FROM run_ WHERE active
+),
+reply_ AS (
+    INSERT INTO orchestration_message (conversation_id, role, content, run_id, created_at)
+    SELECT conversation_id, 'assistant', %(reply)s, id, %(now)s FROM run_ WHERE active AND conversation_id IS NOT NULL
+)
+SELECT run_.last_event_seq, run_.active, w.name
+FROM run_ LEFT JOIN orchestration_workflow AS w ON w.id = run_.workflow_id
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What storing a step's output changed: the seqs of its events, and the run's outcome."""
+
+    seqs: tuple[int, ...]
+    run_succeeded: bool = False
+    workflow: str | None = None
+
+
+def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] | None:
+    """Hold a pending step of an active run, not held by this delivery before; the step and its events' seqs.
+
+    None if the step is in any other state (state.claim_step decides then).
+    The step comes with its run and the run's conversation, as
+    ``Step.objects.select_related("run", "run__conversation")`` gives it.
+    """
+    params = {"step_id": step_id, "delivery": delivery, "now": now, "grace": settings.STEP_LEASE_GRACE}
+    with connection.cursor() as cursor:
+        cursor.execute(CLAIM, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    count = len(_CLAIMED_FIELDS)
+    fields = dict(zip(_CLAIMED_FIELDS, row[:count], strict=True))
+    run_status, last_seq, started, conversation_id, conversation_state = row[count:]
+    fields["args"] = _json(fields["args"])
+    step = Step(**fields, status=StepStatus.RUNNING, delivery=delivery)
+    conversation = None
+    if conversation_id is not None:
+        conversation = Conversation(id=conversation_id, state=_json(conversation_state))
+    step.run = Run(id=step.run_id, status=run_status, conversation=conversation)
+    seqs = [last_seq - 1, last_seq] if started else [last_seq]
+    _announce(step.run_id, seqs)
+    return step, seqs
+
+
+def store(step_id: int, run_id: int, output: Any, delivery: str, now: datetime, finishes_run: bool) -> Stored | None:
+    """Store the output of a step this delivery holds; None if it does not hold it (or the run has a webhook)."""
+    params = {"step_id": step_id, "delivery": delivery, "now": now, "output": _jsonb(output)}
+    if finishes_run:
+        from .state import reply_text  # state imports this module
+
+        params["reply"] = reply_text(output)
+    with connection.cursor() as cursor:
+        cursor.execute(STORE_LAST if finishes_run else STORE, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    if not finishes_run:
+        stored = Stored((int(row[0]),))
+    else:
+        last_seq, run_succeeded, workflow = row
+        seqs = (last_seq - 1, last_seq) if run_succeeded else (last_seq,)
+        stored = Stored(seqs, run_succeeded, workflow)
+    _announce(run_id, stored.seqs)
+    return stored
+
+
+def _announce(run_id: int, seqs: list[int] | tuple[int, ...]) -> None:
+    for seq in seqs:
+        transaction.on_commit(lambda seq=seq: events.announce(run_id, seq))  # type: ignore[misc]
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _jsonb(value: Any) -> Any:
+    field = cast(models.JSONField, Step._meta.get_field("output"))
+    return field.get_db_prep_value(value, connection)

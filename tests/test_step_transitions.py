@@ -1,0 +1,186 @@
+"""A step's claim and store: the rows and events they leave, and what they cost.
+
+On PostgreSQL the common cases are one statement each (orchestration.state_pg);
+elsewhere, and in every other case, the ORM's transactions. Both must leave the
+same rows and events, so each test checks them on either database, and on
+PostgreSQL also that it made exactly one query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from orchestration import state
+from orchestration.models import Message, Run, RunEvent, RunStatus, Step, StepStatus, WebhookDelivery
+
+from .factories import RunFactory, StepFactory
+
+pytestmark = pytest.mark.django_db
+
+ONE_STATEMENT = connection.vendor == "postgresql"
+
+
+@contextlib.contextmanager
+def one_statement_on_postgresql() -> Iterator[None]:
+    with CaptureQueriesContext(connection) as queries:
+        yield
+    if ONE_STATEMENT:
+        assert len(queries.captured_queries) == 1, [q["sql"] for q in queries.captured_queries]
+
+
+def events_of(run: Run) -> list[tuple[int, str, int | None, dict[str, Any]]]:
+    rows = RunEvent.objects.filter(run=run).order_by("id").values_list("seq", "type", "step_id", "data")
+    return [(seq, type, step_id, data) for seq, type, step_id, data in rows]
+
+
+def chain_of_two(**run_fields: Any) -> tuple[Run, Step, Step]:
+    run = RunFactory.create(**run_fields)
+    first, last = StepFactory.create(run=run, key="a"), StepFactory.create(run=run, key="b")
+    return run, first, last
+
+
+def test_claiming_a_queued_runs_first_step_starts_the_run():
+    run, first, _ = chain_of_two()
+
+    with one_statement_on_postgresql():
+        claim = state.claim_step(first.pk, "delivery-1")
+
+    assert claim.outcome is state.ClaimOutcome.RUN
+    assert (claim.step.pk, claim.step.skill, claim.step.attempts, claim.step.status) == (first.pk, "echo", 1, "running")
+    assert claim.step.run.conversation.pk == run.conversation_id
+    first.refresh_from_db()
+    run.refresh_from_db()
+    assert (first.status, first.delivery, first.attempts) == (StepStatus.RUNNING, "delivery-1", 1)
+    assert first.started_at is not None
+    assert first.lease_until is not None
+    assert first.lease_until > first.started_at
+    assert run.status == RunStatus.RUNNING
+    assert run.started_at is not None
+    assert events_of(run) == [
+        (1, "run.running", None, {}),
+        (2, "step.running", first.pk, {"attempt": 1, "redelivered": False}),
+    ]
+    assert run.last_event_seq == 2
+
+
+def test_a_claimed_step_carries_its_conversations_state():
+    run, first, _ = chain_of_two()
+    run.conversation.state = {"tier": "gold"}
+    run.conversation.save()
+
+    claim = state.claim_step(first.pk, "delivery-1")
+
+    assert claim.step.run.conversation.state == {"tier": "gold"}
+    assert claim.step.args == {}
+
+
+def test_claiming_a_later_step_of_a_running_run_writes_one_event():
+    run, first, last = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    state.succeed_step(state.StepRef.load(first.pk), {"x": 1}, "d1")
+
+    with one_statement_on_postgresql():
+        claim = state.claim_step(last.pk, "d2")
+
+    assert claim.outcome is state.ClaimOutcome.RUN
+    assert [(seq, type) for seq, type, *_ in events_of(run)][-1] == (4, "step.running")
+
+
+def test_a_second_message_for_a_claimed_step_is_a_duplicate():
+    _, first, _ = chain_of_two()
+    state.claim_step(first.pk, "d1")
+
+    assert state.claim_step(first.pk, "d2").outcome is state.ClaimOutcome.DUPLICATE
+    first.refresh_from_db()
+    assert (first.delivery, first.attempts) == ("d1", 1)
+
+
+def test_a_step_of_a_cancelled_run_is_not_claimed():
+    run, first, _ = chain_of_two(status=RunStatus.CANCELLED)
+
+    assert state.claim_step(first.pk, "d1").outcome is state.ClaimOutcome.RUN_ENDED
+    first.refresh_from_db()
+    assert first.status == StepStatus.PENDING
+    assert not RunEvent.objects.filter(run=run).exists()
+
+
+def test_storing_a_middle_steps_output_leaves_the_run_running():
+    run, first, _ = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    ref = state.StepRef.load(first.pk)
+
+    with one_statement_on_postgresql():
+        assert state.succeed_step(ref, {"answer": 42}, "d1")
+
+    first.refresh_from_db()
+    run.refresh_from_db()
+    assert (first.status, first.output, first.error) == (StepStatus.SUCCEEDED, {"answer": 42}, "")
+    assert first.finished_at is not None
+    assert run.status == RunStatus.RUNNING
+    assert events_of(run)[-1] == (3, "step.succeeded", first.pk, {})
+
+
+def test_storing_the_last_steps_output_ends_the_run_with_its_reply():
+    run, first, last = chain_of_two()
+    pending = StepFactory.create(run=run, key="never-run")
+    state.claim_step(first.pk, "d1")
+    state.succeed_step(state.StepRef.load(first.pk), "one", "d1")
+    state.claim_step(last.pk, "d2")
+    ref = state.StepRef.load(last.pk)
+
+    with one_statement_on_postgresql():
+        assert state.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True)
+
+    run.refresh_from_db()
+    pending.refresh_from_db()
+    assert (run.status, run.output, run.error) == (RunStatus.SUCCEEDED, {"reply": "hello"}, "")
+    assert run.finished_at is not None
+    assert (pending.status, pending.error) == (StepStatus.CANCELLED, "not run: the run succeeded")
+    assert [(seq, type) for seq, type, *_ in events_of(run)][-2:] == [(5, "step.succeeded"), (6, "run.succeeded")]
+    assert list(Message.objects.filter(run=run).values_list("role", "content")) == [("assistant", "hello")]
+
+
+def test_the_last_step_of_a_run_that_ended_meanwhile_is_stored_but_leaves_the_run_as_it_is():
+    run, first, _ = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    state.fail_run(run.pk, "stopped elsewhere")
+
+    # The step's output is kept (it ran, and held the step); the run stays failed.
+    assert state.succeed_step(state.StepRef.load(first.pk), "late", "d1", finishes_run=True) is True
+    first.refresh_from_db()
+    run.refresh_from_db()
+    assert (first.status, first.output) == (StepStatus.SUCCEEDED, "late")
+    assert (run.status, run.output) == (RunStatus.FAILED, None)
+    assert not Message.objects.filter(run=run).exists()
+    assert [type for _, type, *_ in events_of(run)].count("run.succeeded") == 0
+
+
+def test_a_delivery_that_does_not_hold_the_step_stores_nothing():
+    run, first, _ = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    before = events_of(run)
+
+    assert state.succeed_step(state.StepRef.load(first.pk), "stolen", "d2") is False
+    assert state.succeed_step(state.StepRef.load(first.pk), "stolen", "d2", finishes_run=True) is False
+
+    first.refresh_from_db()
+    assert (first.status, first.output) == (StepStatus.RUNNING, None)
+    assert events_of(run) == before
+
+
+def test_a_run_with_a_webhook_ends_with_its_delivery_stored():
+    run, first, _ = chain_of_two(webhook_url="https://hooks.example.com/agentsite")
+    state.claim_step(first.pk, "d1")
+
+    assert state.succeed_step(state.StepRef.load(first.pk), "done", "d1", finishes_run=True)
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    delivery = WebhookDelivery.objects.get(run=run)
+    assert delivery.event_id == f"{run.pk}-{run.last_event_seq}"
