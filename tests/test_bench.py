@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 
+from orchestration.bench.cpu import CpuMeter
 from orchestration.chaos.processes import database_url
 from orchestration.models import Run, RunEvent
 
@@ -43,6 +44,12 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
         assert shape["raw_per_s"] > 0
         assert shape["ratio"] == pytest.approx(shape["ours_per_s"] / shape["raw_per_s"], abs=0.01)
         assert 0 < shape["ours_p50_ms"] <= shape["ours_p99_ms"]
+        # Our runs cost the web and the worker CPU; raw canvases cost the raw worker.
+        ours_cpu, raw_cpu = shape["ours_cpu_ms_per_run"], shape["raw_cpu_ms_per_run"]
+        assert ours_cpu["web"] > 0
+        assert ours_cpu["worker"] > 0
+        assert raw_cpu["raw_worker"] > 0
+        assert ours_cpu["total"] == pytest.approx(sum(v for k, v in ours_cpu.items() if k != "total"), abs=0.05)
     assert report["api"]["requests"] >= 20
     assert report["api"]["failures"] == 0
     assert 0 < report["api"]["post_p50_ms"] <= report["api"]["post_p99_ms"]
@@ -54,6 +61,27 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
     assert 0 < report["detail_p50_ms"] <= report["detail_p99_ms"]
     assert report["worker_rss_before_mb"] > 0
     assert report["worker_rss_mb"] > 0
+
+
+def test_the_cpu_meter_counts_a_process_groups_cpu_and_not_an_idle_ones() -> None:
+    # Burns 0.3 s of CPU, says so, then stays alive (an exited process's CPU can no longer be read).
+    burn = "import sys, time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    burn += "print('done', flush=True)\ntime.sleep(30)"
+    busy = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        meter = CpuMeter.for_groups({"busy": busy.pid, "idle": idle.pid})
+        before = meter.read()
+        assert busy.stdout is not None
+        assert busy.stdout.readline() == "done\n"
+        used = meter.used(before, meter.read())
+    finally:
+        for process in (busy, idle):
+            process.kill()
+            process.wait()
+    assert set(used) == {"busy", "idle", "postgresql", "redis", "client"}
+    assert 0.1 <= used["busy"] < 1.0
+    assert used["idle"] < 0.1
 
 
 @pytest.mark.django_db(transaction=True)

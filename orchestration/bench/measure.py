@@ -15,8 +15,10 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from orchestration.models import ACTIVE_RUN_STATUSES, Run, RunStatus, Step, Step
 from orchestration.services import start_run
 
 from . import raw
+from .cpu import CpuMeter
 from .shapes import SHAPES, percentile
 from .stack import BenchStack
 
@@ -45,10 +48,16 @@ class ShapeSamples:
     latency_ms: list[float] = field(default_factory=list)
     runs: int = 0
     seconds: float = 0.0
+    cpu_seconds: Counter[str] = field(default_factory=Counter)  # by role, over the batches
 
     def add_batch(self, runs: int, seconds: float) -> None:
         self.runs += runs
         self.seconds += seconds
+
+    def cpu_ms_per_run(self) -> dict[str, float]:
+        """CPU per run of the batches, by role, and their total."""
+        per_run = {role: seconds * 1000 / self.runs for role, seconds in self.cpu_seconds.items()} if self.runs else {}
+        return {**{role: round(ms, 2) for role, ms in per_run.items()}, "total": round(sum(per_run.values()), 2)}
 
     @property
     def per_s(self) -> float:
@@ -84,15 +93,18 @@ def shapes_phase(stack: BenchStack, shapes: list[str], rounds: int, batch: int, 
     theirs = {shape: ShapeSamples() for shape in shapes}
     step = TaskRuntimes("agentsite.run_step", stack.worker.service)
     noop = TaskRuntimes("bench.noop", stack.raw_worker)
+    meter = stack.cpu_meter()
     for round_ in range(1, rounds + 1):
         for shape in shapes:
             spec = SHAPES[shape]
             # One run at a time, a step of a sequential shape runs alone; a group's run at once.
             alone = shape in SEQUENTIAL_SHAPES
             step.during(stack, step.alone if alone else [], _ours_latency, stack, spec, ours[shape], latency_runs)
-            step.during(stack, step.loaded, _ours_batch, stack, spec, ours[shape], batch)
+            with _cpu_used(meter, ours[shape]):
+                step.during(stack, step.loaded, _ours_batch, stack, spec, ours[shape], batch)
             noop.during(stack, noop.alone if alone else [], _raw_latency, shape, theirs[shape], latency_runs)
-            noop.during(stack, noop.loaded, _raw_batch, shape, theirs[shape], batch)
+            with _cpu_used(meter, theirs[shape]):
+                noop.during(stack, noop.loaded, _raw_batch, shape, theirs[shape], batch)
             log.info("round %s %s: ours %.1f/s, raw %.1f/s", round_, shape, ours[shape].per_s, theirs[shape].per_s)
     return {
         "shapes": {shape: _shape_figures(ours[shape], theirs[shape]) for shape in shapes},
@@ -104,7 +116,14 @@ def shapes_phase(stack: BenchStack, shapes: list[str], rounds: int, batch: int, 
     }
 
 
-def _shape_figures(ours: ShapeSamples, theirs: ShapeSamples) -> dict[str, float]:
+@contextmanager
+def _cpu_used(meter: CpuMeter, samples: ShapeSamples) -> Iterator[None]:
+    before = meter.read()
+    yield
+    samples.cpu_seconds.update(meter.used(before, meter.read()))
+
+
+def _shape_figures(ours: ShapeSamples, theirs: ShapeSamples) -> dict[str, Any]:
     return {
         "ours_per_s": round(ours.per_s, 1),
         "raw_per_s": round(theirs.per_s, 1),
@@ -113,6 +132,8 @@ def _shape_figures(ours: ShapeSamples, theirs: ShapeSamples) -> dict[str, float]
         "ours_p99_ms": round(percentile(ours.latency_ms, 99), 1),
         "raw_p50_ms": round(percentile(theirs.latency_ms, 50), 1),
         "raw_p99_ms": round(percentile(theirs.latency_ms, 99), 1),
+        "ours_cpu_ms_per_run": ours.cpu_ms_per_run(),
+        "raw_cpu_ms_per_run": theirs.cpu_ms_per_run(),
     }
 
 

@@ -16,6 +16,7 @@ from orchestration.chaos.processes import ScenarioError, Service, Supervisor, gr
 from orchestration.chaos.stack import Stack
 
 from . import raw
+from .cpu import CpuMeter
 
 RAW_WORKER = "raw@localhost"
 # Celery's own line for every task that succeeded (celery.app.trace.LOG_SUCCESS).
@@ -34,6 +35,7 @@ class BenchStack(Stack):
     def start(self) -> None:
         self.make_user()
         self.start_web()
+        self.web = self.expected_up[-1]
         self.start_worker()
         self.raw_worker = self._start_raw_worker()
         self.conversation = self.api.create_conversation(self.name)
@@ -50,6 +52,12 @@ class BenchStack(Stack):
         if not service.alive():
             raise ScenarioError(f"the raw worker exited; see {service.name}.log")
         return service
+
+    def cpu_meter(self) -> CpuMeter:
+        """CPU of web, worker, raw worker, the database and Redis servers, and this process (the client)."""
+        return CpuMeter.for_groups(
+            {"web": self.web.pid, "worker": self.worker.service.pid, "raw_worker": self.raw_worker.pid}
+        )
 
     def runs_path(self) -> str:
         return f"/api/conversations/{self.conversation}/runs/"
