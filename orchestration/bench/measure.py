@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.result import AsyncResult, GroupResult
+from django.db import connection
 from django.db.models import Max
 
 from orchestration.chaos.processes import ScenarioError, Service
@@ -333,6 +334,11 @@ def _seed(stack: BenchStack, steps: int, steps_per_run: int, chunk: int = 500) -
             for k in range(steps_per_run)
         )
         ids += [run.pk for run in runs]
+    # Fresh planner statistics, as autovacuum (PostgreSQL) would gather within
+    # a minute of such an insert: read at once, the list's plan assumed 46 runs
+    # where there were 23,550, and sorted them all (17 ms instead of 0.1 ms).
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
     return ids
 
 
