@@ -21,6 +21,7 @@ from django.db import connection
 
 from orchestration.bench.cpu import CpuMeter
 from orchestration.chaos.processes import database_url
+from orchestration.management.commands.bench import format_report
 from orchestration.models import Run, RunEvent
 
 TINY = ["--shapes", "chain3", "chord10", "--rounds", "1", "--batch", "5", "--latency-runs", "3"]
@@ -61,6 +62,29 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
     assert 0 < report["detail_p50_ms"] <= report["detail_p99_ms"]
     assert report["worker_rss_before_mb"] > 0
     assert report["worker_rss_mb"] > 0
+
+
+def test_the_table_leaves_out_the_phases_that_were_left_out() -> None:
+    shape = {"ours_per_s": 10.0, "raw_per_s": 40.0, "ratio": 0.25, "ours_p50_ms": 5.0, "ours_p99_ms": 9.0}
+    report = {
+        "shapes": {"chain3": {**shape, "raw_p50_ms": 1.0, "raw_p99_ms": 2.0}},
+        "database": "sqlite",
+        "worker_concurrency": 4,
+        "machine": {"cpus": 2},
+        "step_overhead_ms_p50": 2.0,
+        "step_runtime_ms_p50": 2.5,
+        "raw_task_runtime_ms_p50": 0.5,
+        "step_overhead_loaded_ms_p50": 4.0,
+        "seconds": 12.3,
+    }
+
+    table = format_report(report)
+
+    assert "chain3" in table
+    assert "step overhead p50 2.00 ms" in table
+    assert "took 12.3 s" in table
+    for left_out in ("API run creation", "reads with", "worker RSS"):
+        assert left_out not in table
 
 
 def test_the_cpu_meter_counts_a_process_groups_cpu_and_not_an_idle_ones() -> None:
