@@ -53,7 +53,9 @@ def test_claiming_a_queued_runs_first_step_starts_the_run():
 
     assert claim.outcome is state.ClaimOutcome.RUN
     assert (claim.step.pk, claim.step.skill, claim.step.attempts, claim.step.status) == (first.pk, "echo", 1, "running")
-    assert claim.step.run.conversation.pk == run.conversation_id
+    conversation = claim.step.run.conversation
+    assert conversation is not None
+    assert conversation.pk == run.conversation_id
     first.refresh_from_db()
     run.refresh_from_db()
     assert (first.status, first.delivery, first.attempts) == (StepStatus.RUNNING, "delivery-1", 1)
@@ -71,12 +73,15 @@ def test_claiming_a_queued_runs_first_step_starts_the_run():
 
 def test_a_claimed_step_carries_its_conversations_state():
     run, first, _ = chain_of_two()
+    assert run.conversation is not None
     run.conversation.state = {"tier": "gold"}
     run.conversation.save()
 
     claim = state.claim_step(first.pk, "delivery-1")
 
-    assert claim.step.run.conversation.state == {"tier": "gold"}
+    claimed = claim.step.run.conversation
+    assert claimed is not None
+    assert claimed.state == {"tier": "gold"}
     assert claim.step.args == {}
 
 
