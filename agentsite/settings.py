@@ -289,6 +289,9 @@ STEP_LEASE_GRACE = env.int("STEP_LEASE_GRACE", default=30)
 STEP_MAX_REDELIVERIES = env.int("STEP_MAX_REDELIVERIES", default=3)
 # A step that cannot reach the database retries (backoff up to 30 s) this often.
 STEP_DB_RETRIES = env.int("STEP_DB_RETRIES", default=40)
+# Skill results kept in each worker process (skills/cache.py), besides Redis:
+# at most this many, the least recently used going first.
+SKILL_CACHE_L1_SIZE = env.int("SKILL_CACHE_L1_SIZE", default=1024)
 # How long an Idempotency-Key is remembered (seconds).
 IDEMPOTENCY_KEY_TTL = env.int("IDEMPOTENCY_KEY_TTL", default=86400)
 # Run event streams (GET /api/runs/{id}/events/) each hold a web thread: at most

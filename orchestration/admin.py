@@ -47,7 +47,7 @@ class WorkflowAdmin(admin.ModelAdmin):
 
 class StepInline(admin.TabularInline):
     model = Step
-    fields = ("key", "skill", "status", "attempts", "redeliveries", "duration_ms", "error", "output", "task")
+    fields = ("key", "skill", "status", "attempts", "redeliveries", "cached", "duration_ms", "error", "output", "task")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -127,7 +127,7 @@ class RunAdmin(admin.ModelAdmin):
 @admin.register(Step)
 class StepAdmin(admin.ModelAdmin):
     list_display = ["id", "run", "key", "skill", "status", "attempts", "redeliveries", "duration_ms", "started_at"]
-    list_filter = ["status", "skill", "optional"]
+    list_filter = ["status", "skill", "optional", "cached"]
     search_fields = ["=id", "=run__id", "key", "=task_id"]
     raw_id_fields = ["run"]
     readonly_fields = ["duration_ms"]

@@ -50,6 +50,11 @@ STEP_TIMEOUTS = Counter(
 STEP_REDELIVERIES = Counter(
     "agentsite_step_redeliveries", "Attempts cut short by a lost worker process, to be run again.", ["skill"]
 )
+SKILL_CACHE_LOOKUPS = Counter(
+    "agentsite_skill_cache_lookups",
+    "Result cache lookups of skills with a cache_ttl, by skill and result: l1 or l2 (a hit), miss.",
+    ["skill", "result"],
+)
 
 
 def run_started(workflow: str | None) -> None:
@@ -87,6 +92,11 @@ def step_timed_out(skill: str) -> None:
 
 def step_redelivered(skill: str) -> None:
     _on_commit(lambda: STEP_REDELIVERIES.labels(skill).inc())
+
+
+def skill_cache_lookup(skill: str, result: str) -> None:
+    """Counted at once: a lookup changes no row (skills/cache.py)."""
+    SKILL_CACHE_LOOKUPS.labels(skill, result).inc()
 
 
 def _on_commit(count: Callable[[], None]) -> None:

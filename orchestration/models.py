@@ -204,6 +204,9 @@ class Step(models.Model):
         help_text="Until when the step is accounted for: its attempt's hard limit (plus grace), its retry "
         "countdown, or its finish. The sweeper resumes a run none of whose steps is accounted for.",
     )
+    cached = models.BooleanField(
+        default=False, help_text="It succeeded with an output from the skill result cache: the skill was not called."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -238,21 +238,22 @@ def _start_run(run_id: int, now: Any) -> None:
         record(run_id, "run.running")
 
 
-def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool = False) -> bool:
+def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool = False, cached: bool = False) -> bool:
     """Store a step's output; False if ``delivery`` no longer holds it.
 
     With ``finishes_run`` (the spec's last step) the run succeeds with that
-    output in the same transaction.
+    output in the same transaction. ``cached``: the output came from the
+    skill result cache (Step.cached, and ``{"cached": true}`` in the event).
     """
     if connection.vendor == "postgresql":  # in one statement, unless the run has a webhook
         now = timezone.now()
-        stored = state_pg.store(step.id, step.run_id, output, delivery, now, finishes_run)
+        stored = state_pg.store(step.id, step.run_id, output, delivery, now, finishes_run, cached)
         if stored is not None:
             metrics.step_finished(step.skill, StepStatus.SUCCEEDED, step.started_at, now)
             if stored.run_succeeded:
                 metrics.run_finished(stored.workflow, RunStatus.SUCCEEDED)
             return True
-    return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run)
+    return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run, cached=cached)
 
 
 def skip_step(step: StepRef, error: str, delivery: str, finishes_run: bool = False, timed_out: bool = False) -> bool:
@@ -309,6 +310,7 @@ def _finish_step(
     delivery: str | None = None,
     finishes_run: bool = False,
     task_id: str | None = None,
+    cached: bool = False,
 ) -> bool:
     steps = Step.objects.filter(pk=step.id, status__in=UNFINISHED_STEP_STATUSES)
     if delivery is not None:
@@ -317,9 +319,12 @@ def _finish_step(
         steps = steps.filter(task_id=task_id)
     now = timezone.now()
     with transaction.atomic(savepoint=False):
-        changed = steps.update(status=status, output=output, error=error, finished_at=now, lease_until=now)
+        changed = steps.update(
+            status=status, output=output, error=error, finished_at=now, lease_until=now, cached=cached
+        )
         if changed:
-            record(step.run_id, f"step.{status}", step.id, error=error)
+            # Only a cache hit says so: the events of every other step stay as they were.
+            record(step.run_id, f"step.{status}", step.id, error=error, **({"cached": True} if cached else {}))
             metrics.step_finished(step.skill, status, step.started_at, now)
             if finishes_run:
                 succeed_run(step.run_id, output)

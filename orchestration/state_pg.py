@@ -92,7 +92,7 @@ FROM step_ CROSS JOIN run_ LEFT JOIN orchestration_conversation AS c ON c.id = r
 STORE = """
 WITH step_ AS (
     UPDATE orchestration_step SET status = 'succeeded', output = %(output)s, error = '',
-        finished_at = %(now)s, lease_until = %(now)s
+        finished_at = %(now)s, lease_until = %(now)s, cached = %(cached)s
     WHERE id = %(step_id)s AND status = 'running' AND delivery = %(delivery)s
     RETURNING run_id
 ),
@@ -101,7 +101,7 @@ run_ AS (
     WHERE id = (SELECT run_id FROM step_) RETURNING id, last_event_seq
 )
 INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at)
-SELECT id, last_event_seq, %(step_id)s, 'step.succeeded', '{}'::jsonb, %(now)s FROM run_
+SELECT id, last_event_seq, %(step_id)s, 'step.succeeded', %(data)s::jsonb, %(now)s FROM run_
 RETURNING seq
 """
 
@@ -111,7 +111,7 @@ RETURNING seq
 STORE_LAST = f"""
 WITH step_ AS (
     UPDATE orchestration_step AS s SET status = 'succeeded', output = %(output)s, error = '',
-        finished_at = %(now)s, lease_until = %(now)s
+        finished_at = %(now)s, lease_until = %(now)s, cached = %(cached)s
     WHERE s.id = %(step_id)s AND s.status = 'running' AND s.delivery = %(delivery)s
       AND NOT EXISTS (SELECT 1 FROM orchestration_run AS r WHERE r.id = s.run_id AND r.webhook_url <> '')
     RETURNING s.run_id
@@ -138,7 +138,7 @@ cancelled_ AS (
 ),
 events_ AS (
     INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at)
-    SELECT id, last_event_seq - CASE WHEN active THEN 1 ELSE 0 END, %(step_id)s, 'step.succeeded', '{{}}'::jsonb,
+    SELECT id, last_event_seq - CASE WHEN active THEN 1 ELSE 0 END, %(step_id)s, 'step.succeeded', %(data)s::jsonb,
            %(now)s
     FROM run_
     UNION ALL
@@ -189,9 +189,21 @@ def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] 
     return step, seqs
 
 
-def store(step_id: int, run_id: int, output: Any, delivery: str, now: datetime, finishes_run: bool) -> Stored | None:
-    """Store the output of a step this delivery holds; None if it does not hold it (or the run has a webhook)."""
-    params = {"step_id": step_id, "delivery": delivery, "now": now, "output": _jsonb(output)}
+def store(
+    step_id: int, run_id: int, output: Any, delivery: str, now: datetime, finishes_run: bool, cached: bool = False
+) -> Stored | None:
+    """Store the output of a step this delivery holds; None if it does not hold it (or the run has a webhook).
+
+    ``cached``: the output came from the skill result cache (state.succeed_step).
+    """
+    params = {
+        "step_id": step_id,
+        "delivery": delivery,
+        "now": now,
+        "output": _jsonb(output),
+        "cached": cached,
+        "data": json.dumps({"cached": True} if cached else {}),
+    }
     if finishes_run:
         from .state import reply_text  # state imports this module
 

@@ -52,6 +52,22 @@ def effect(ctx: SkillContext, input: Any) -> Any:
     return input
 
 
+@skill(
+    description="Records each call that runs it (one skills.Effect row keyed by the step's "
+    "idempotency key), then returns its input, or args.value when given; with args.fail "
+    "it raises instead. Its outputs are cached for 5 s (cache_ttl): tests count the rows "
+    "to tell a cache hit from a call.",
+    soft_time_limit=5,
+    time_limit=10,
+    cache_ttl=5,
+)
+def counted_echo(ctx: SkillContext, input: Any) -> Any:
+    Effect.objects.create(key=ctx.idempotency_key, run_id=ctx.run_id)
+    if ctx.args.get("fail"):
+        raise SkillError("counted_echo: failing on purpose (args.fail)")
+    return ctx.args.get("value", input)
+
+
 def _sleep(seconds: float, *, shield: bool) -> None:
     """Sleep; with shield, keep sleeping through the soft time limit."""
     deadline = time.monotonic() + seconds

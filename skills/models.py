@@ -6,7 +6,7 @@ from django.db import models
 
 
 class Effect(models.Model):
-    """One application of the ``effect`` skill's side effect.
+    """One application of the ``effect`` skill's side effect (or one call of ``counted_echo``).
 
     One row per call that got through, never deduplicated: a step whose
     effect was applied twice shows up as two rows with the same key. The

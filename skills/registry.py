@@ -3,7 +3,8 @@
 A skill is a plain function ``(ctx, input) -> output`` registered with
 ``@skill(...)``. The declaration carries everything the orchestrator needs to
 schedule it: default and maximum time limits, retries and backoff, the queue
-its steps go to, and whether a failure may degrade instead of failing the run.
+its steps go to, whether a failure may degrade instead of failing the run,
+and how long its outputs may be reused (``cache_ttl``: skills/cache.py).
 Inputs and outputs cross the broker as JSON, so both must be JSON values.
 """
 
@@ -56,6 +57,8 @@ class Skill:
     backoff_max: float
     queue: str
     optional: bool
+    # Seconds a successful output is reused for the same input and args; None: never.
+    cache_ttl: float | None = None
 
     def check(self) -> None:
         """Refuse a declaration whose limits contradict each other."""
@@ -69,6 +72,8 @@ class Skill:
             )
         if self.retries < 0 or self.backoff < 0:
             raise ImproperlyConfigured(f"skill {self.name}: retries and backoff must not be negative")
+        if self.cache_ttl is not None and not self.cache_ttl > 0:
+            raise ImproperlyConfigured(f"skill {self.name}: cache_ttl must be a positive number of seconds (or None)")
 
 
 class Registry:
@@ -107,8 +112,14 @@ def skill(
     backoff_max: float = 60,
     queue: str = "default",
     optional: bool = False,
+    cache_ttl: float | None = None,
 ) -> Callable[[SkillFunc], SkillFunc]:
-    """Register a function as a skill. Maxima default to the defaults."""
+    """Register a function as a skill. Maxima default to the defaults.
+
+    With ``cache_ttl`` (seconds) a successful output is reused, without
+    calling the skill, by steps with the same input and args for that long:
+    only for a skill whose output depends on nothing else (skills/cache.py).
+    """
 
     def register(func: SkillFunc) -> SkillFunc:
         registry.register(
@@ -125,6 +136,7 @@ def skill(
                 backoff_max=min(backoff_max, settings.STEP_MAX_BACKOFF),
                 queue=queue,
                 optional=optional,
+                cache_ttl=cache_ttl,
             )
         )
         return func

@@ -36,6 +36,7 @@ from orchestration import state
 from orchestration.models import Step, StepStatus
 from orchestration.state import ClaimOutcome
 
+from . import cache
 from .registry import SkillContext, SkillError, registry
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,16 @@ def run_step(
     """Run one step; with ``finishes_run`` (the spec's last step) its output ends the run too.
 
     After a database outage the task retries as the same delivery
-    (``_headers``); ``done`` then carries a skill output still to store.
+    (``_headers``); ``done`` then carries a skill output still to store
+    (and whether it came from the skill result cache).
     """
     telemetry.bind_step(step_id=step_id)
     delivery = delivery_of(self.request)
     try:
         if done is not None:
-            return _store(state.StepRef.load(step_id), delivery, done["output"], finishes_run)
+            return _store(
+                state.StepRef.load(step_id), delivery, done["output"], finishes_run, done.get("cached", False)
+            )
         return _run(self, upstream, step_id, delivery, retry, finishes_run, resuming=outages > 0)
     except DATABASE_DOWN as exc:
         _retry_later(self, exc, outages)
@@ -168,15 +172,15 @@ def _run(
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
         raise StepHalted(step.skill)
     try:
-        output = skill.func(_context(step), upstream)
+        output, cached = cache.call(skill, _context(step), upstream)
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
         return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
         with _terminated_only_after():
-            return _store(state.StepRef.of(step), delivery, output, finishes_run)
+            return _store(state.StepRef.of(step), delivery, output, finishes_run, cached)
     except DATABASE_DOWN as exc:
         # The skill's work is done: retry storing its output, never the skill.
-        _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output})
+        _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output, "cached": cached})
         raise  # not reached: _retry_later raises
 
 
@@ -254,8 +258,8 @@ def _terminated_only_after() -> Iterator[None]:
             _exit_as_terminated()
 
 
-def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool) -> Any:
-    if not state.succeed_step(step, output, delivery, finishes_run):
+def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool, cached: bool = False) -> Any:
+    if not state.succeed_step(step, output, delivery, finishes_run, cached):
         raise Ignore()  # the run ended, or the sweeper gave the step to another message
     return output
 

@@ -21,6 +21,7 @@ FIELDS = {
     "backoff",
     "backoff_max",
     "optional",
+    "cache_ttl",
 }
 
 
@@ -50,6 +51,7 @@ def test_it_describes_each_skill_with_its_queue_limits_and_retries(api, name):
     assert skill["max_soft_time_limit"] == declared.max_soft_time_limit
     assert skill["max_time_limit"] == declared.max_time_limit
     assert skill["retries"] == declared.retries
+    assert skill["cache_ttl"] == declared.cache_ttl
 
 
 def test_it_shows_echos_declared_limits(api):
@@ -63,6 +65,16 @@ def test_it_shows_echos_declared_limits(api):
 
 def test_it_shows_that_flaky_retries(api):
     assert skills_by_name(api)["flaky"]["retries"] == 3
+
+
+def test_it_shows_a_skills_cache_ttl(api):
+    skills = skills_by_name(api)
+
+    counted_echo = registry.get("counted_echo")
+    assert counted_echo is not None
+
+    assert skills["counted_echo"]["cache_ttl"] == counted_echo.cache_ttl == 5
+    assert skills["echo"]["cache_ttl"] is None
 
 
 def test_it_lists_every_registered_skill_once_in_name_order(api):

@@ -125,7 +125,7 @@ def test_storing_a_middle_steps_output_leaves_the_run_running():
 
     first.refresh_from_db()
     run.refresh_from_db()
-    assert (first.status, first.output, first.error) == (StepStatus.SUCCEEDED, {"answer": 42}, "")
+    assert (first.status, first.output, first.error, first.cached) == (StepStatus.SUCCEEDED, {"answer": 42}, "", False)
     assert first.finished_at is not None
     assert run.status == RunStatus.RUNNING
     assert events_of(run)[-1] == (3, "step.succeeded", first.pk, {})
@@ -189,3 +189,48 @@ def test_a_run_with_a_webhook_ends_with_its_delivery_stored():
     assert run.status == RunStatus.SUCCEEDED
     delivery = WebhookDelivery.objects.get(run=run)
     assert delivery.event_id == f"{run.pk}-{run.last_event_seq}"
+
+
+def test_a_step_stored_from_the_cache_says_so_in_its_row_and_event():
+    run, first, _ = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    ref = state.StepRef.load(first.pk)
+
+    with one_statement_on_postgresql():
+        assert state.succeed_step(ref, {"answer": 42}, "d1", cached=True)
+
+    first.refresh_from_db()
+    assert (first.status, first.output, first.cached) == (StepStatus.SUCCEEDED, {"answer": 42}, True)
+    assert events_of(run)[-1] == (3, "step.succeeded", first.pk, {"cached": True})
+
+
+def test_the_last_step_stored_from_the_cache_ends_the_run_and_says_so():
+    run, first, last = chain_of_two()
+    state.claim_step(first.pk, "d1")
+    state.succeed_step(state.StepRef.load(first.pk), "one", "d1")
+    state.claim_step(last.pk, "d2")
+    ref = state.StepRef.load(last.pk)
+
+    with one_statement_on_postgresql():
+        assert state.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True, cached=True)
+
+    first.refresh_from_db()
+    last.refresh_from_db()
+    run.refresh_from_db()
+    assert (first.cached, last.cached) == (False, True)
+    assert (run.status, run.output) == (RunStatus.SUCCEEDED, {"reply": "hello"})
+    assert events_of(run)[-2:] == [
+        (5, "step.succeeded", last.pk, {"cached": True}),
+        (6, "run.succeeded", None, {}),
+    ]
+
+
+def test_a_run_with_a_webhook_stores_a_cached_step_the_general_way_alike():
+    run, first, _ = chain_of_two(webhook_url="https://hooks.example.com/agentsite")
+    state.claim_step(first.pk, "d1")
+
+    assert state.succeed_step(state.StepRef.load(first.pk), "done", "d1", finishes_run=True, cached=True)
+
+    first.refresh_from_db()
+    assert first.cached is True
+    assert RunEvent.objects.get(run=run, type="step.succeeded").data == {"cached": True}

@@ -75,6 +75,9 @@ class SkillSerializer(serializers.Serializer):
     backoff = serializers.FloatField()
     backoff_max = serializers.FloatField()
     optional = serializers.BooleanField()
+    cache_ttl = serializers.FloatField(
+        allow_null=True, help_text="Seconds a successful output is reused for the same input and args; null: never."
+    )
 
 
 def deadline_field(**kwargs: Any) -> serializers.FloatField:
@@ -181,6 +184,7 @@ class StepSerializer(serializers.ModelSerializer):
             "time_limit",
             "ttl",
             "task_id",
+            "cached",
             "started_at",
             "finished_at",
             "duration_ms",

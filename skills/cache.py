@@ -1,0 +1,133 @@
+"""The skill result cache: a skill declared with ``cache_ttl`` is not called again for the same input and args.
+
+A step of such a skill first looks its key up in this process's memory
+(L1: bounded, least recently used first out, each entry until its TTL), then
+in Redis (L2: shared by every worker, ``SET ... PX ttl``), and calls the skill
+only when neither has it. The output of a call that returned is stored in both
+before the step's own output is stored; a failure, a timeout or a skip is
+never stored, since only a returned output reaches ``call``'s store.
+
+The key is the skill's name and a SHA-256 of the canonical JSON (sorted
+keys, compact separators) of the step's input and args, behind a version
+prefix (``KEY_VERSION``: change it when the format changes, and every old
+entry is left to expire). It is the same in every process and Python version.
+
+Redis is optional here: when it does not answer, a lookup is a miss and a
+store is skipped (logged at warning); the step runs as without a cache.
+A skill with a cache must depend on its input and args only, not on the
+conversation's state or the attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from functools import cache
+from typing import Any
+
+import redis
+from cachetools import TLRUCache
+from django.conf import settings
+
+from orchestration import metrics
+
+from .registry import Skill, SkillContext
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = "v1"
+KEY_PREFIX = f"agentsite:skill-cache:{KEY_VERSION}:"
+
+
+def key(skill: str, input: Any, args: dict[str, Any]) -> str:
+    """The cache key of a call of ``skill`` with this input and args, stable across processes."""
+    canonical = json.dumps({"args": args, "input": input}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"{KEY_PREFIX}{skill}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+class MemoryCache:
+    """L1: at most ``maxsize`` entries, each until its own TTL; the least recently used go first when full."""
+
+    def __init__(self, maxsize: int, timer: Any = time.monotonic) -> None:
+        # An entry is (expires_at, output): TLRUCache asks ttu for its expiry.
+        self._entries: TLRUCache = TLRUCache(maxsize, ttu=lambda key, entry, now: entry[0], timer=timer)
+        self._timer = timer
+        self._lock = threading.Lock()  # cachetools is not thread-safe (a threads pool, the publisher)
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        """(True, output) if the key is held and not expired, else (False, None)."""
+        with self._lock:
+            entry = self._entries.get(key)
+        return (False, None) if entry is None else (True, entry[1])
+
+    def put(self, key: str, output: Any, ttl: float) -> None:
+        with self._lock:
+            self._entries[key] = (self._timer() + ttl, output)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._entries.expire()
+            return len(self._entries)
+
+
+_memory = MemoryCache(settings.SKILL_CACHE_L1_SIZE)
+
+
+def call(skill: Skill, ctx: SkillContext, input: Any) -> tuple[Any, bool]:
+    """The skill's output for this input, and whether it came from the cache.
+
+    A skill without ``cache_ttl`` is simply called. An exception the skill
+    raises passes through and stores nothing.
+    """
+    if skill.cache_ttl is None:
+        return skill.func(ctx, input), False
+    cache_key = key(skill.name, input, ctx.args)
+    found, output = lookup(skill.name, cache_key)
+    if found:
+        return output, True
+    output = skill.func(ctx, input)
+    remember(cache_key, output, skill.cache_ttl)
+    return output, False
+
+
+def lookup(skill: str, cache_key: str) -> tuple[bool, Any]:
+    """(True, output) from L1, else from L2 (which then fills L1 for what is left of its TTL), else (False, None)."""
+    found, output = _memory.get(cache_key)
+    if found:
+        metrics.skill_cache_lookup(skill, "l1")
+        return True, output
+    try:
+        pipeline = _redis().pipeline(transaction=False)
+        pipeline.get(cache_key)
+        pipeline.pttl(cache_key)
+        value, ttl_ms = pipeline.execute()
+    except redis.RedisError as exc:
+        log.warning("skill cache: %s not looked up in Redis (%r); calling the skill", cache_key, exc)
+        value = None
+    if value is None:
+        metrics.skill_cache_lookup(skill, "miss")
+        return False, None
+    output = json.loads(value)
+    if ttl_ms > 0:
+        _memory.put(cache_key, output, ttl_ms / 1000)
+    metrics.skill_cache_lookup(skill, "l2")
+    return True, output
+
+
+def remember(cache_key: str, output: Any, ttl: float) -> None:
+    """Store a skill's successful output in L1 and L2 for ``ttl`` seconds (in L1 only while Redis is down)."""
+    _memory.put(cache_key, output, ttl)
+    try:
+        _redis().set(cache_key, json.dumps(output, separators=(",", ":")), px=max(1, round(ttl * 1000)))
+    except redis.RedisError as exc:
+        log.warning("skill cache: %s not stored in Redis (%r)", cache_key, exc)
+
+
+@cache
+def _redis() -> redis.Redis:
+    # One client per process; redis-py's pool reconnects after a fork. Short
+    # timeouts: a Redis that does not answer costs a step a second at most.
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
