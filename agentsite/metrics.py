@@ -12,7 +12,8 @@ restarted process (Prometheus' ``rate()`` allows for that).
 The depth of each queue and the age of its oldest message are read from
 Redis when scraped (Flower shows neither: flower #1173). A broker that does
 not answer leaves them out and sets ``agentsite_broker_up`` to 0; /metrics
-itself still answers.
+itself still answers. So are the skills' circuit breakers
+(``skills/breakers.py``: ``agentsite_breaker_open``, ``agentsite_breaker_failures``).
 
 Open to METRICS_ALLOWED_NETWORKS (loopback by default) and to requests with
 ``Authorization: Bearer <METRICS_TOKEN>``; anything else gets a 403.
@@ -97,12 +98,16 @@ def allowed(request: HttpRequest) -> bool:
 
 
 def registry() -> CollectorRegistry:
-    """What one scrape shows: every process's counts, and the queues as Redis has them now."""
+    """What one scrape shows: every process's counts, and the queues and circuit breakers as Redis has them now."""
+    from skills.breakers import BreakerCollector  # not at import: gunicorn's config imports this module
+    from skills.registry import registry as skills
+
     registry = CollectorRegistry()
     directory = Path(settings.PROMETHEUS_MULTIPROC_DIR)
     if directory.is_dir():  # absent until a web or worker process started
         multiprocess.MultiProcessCollector(registry, path=str(directory))
     registry.register(QueueCollector(settings.CELERY_BROKER_URL, queues()))
+    registry.register(BreakerCollector(skills))
     return registry
 
 

@@ -256,9 +256,12 @@ def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool =
     return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run, cached=cached)
 
 
-def skip_step(step: StepRef, error: str, delivery: str, finishes_run: bool = False, timed_out: bool = False) -> bool:
-    """An optional step that failed: it yields null and the run goes on (or, the last step, succeeds)."""
-    skipped = _finish_step(step, StepStatus.SKIPPED, error=error, delivery=delivery, finishes_run=finishes_run)
+def skip_step(
+    step: StepRef, error: str, delivery: str, finishes_run: bool = False, timed_out: bool = False, output: Any = None
+) -> bool:
+    """An optional step that failed (or whose circuit is open): it yields ``output`` (its skill's fallback,
+    null by default) and the run goes on (or, the last step, succeeds with it)."""
+    skipped = _finish_step(step, StepStatus.SKIPPED, output, error=error, delivery=delivery, finishes_run=finishes_run)
     if skipped and timed_out:
         metrics.step_timed_out(step.skill)
     return skipped

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from .breakers import Breaker
 from .models import Effect
 from .registry import SkillContext, SkillError, skill
 
@@ -101,4 +102,21 @@ def flaky(ctx: SkillContext, input: Any) -> Any:
     failures = int(ctx.args.get("failures", 1))
     if ctx.attempt <= failures:
         raise SkillError(f"flaky: attempt {ctx.attempt} of {failures} planned failures")
+    return input
+
+
+@skill(
+    description="Has a circuit breaker (open after 3 consecutive failed attempts, for 5 s) and a fallback "
+    '({"fallback": true}, the output of a skipped optional step). Each call writes one skills.Effect row '
+    "(so tests count calls), sleeps args.seconds (default 0), then fails if args.fail, else returns its input.",
+    soft_time_limit=5,
+    time_limit=10,
+    breaker=Breaker(fail_max=3, reset_timeout=5),
+    fallback={"fallback": True},
+)
+def fragile(ctx: SkillContext, input: Any) -> Any:
+    Effect.objects.create(key=ctx.idempotency_key, run_id=ctx.run_id)
+    _sleep(float(ctx.args.get("seconds", 0)), shield=False)
+    if ctx.args.get("fail"):
+        raise SkillError("fragile: failing on purpose")
     return input

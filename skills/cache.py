@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -75,20 +76,27 @@ class MemoryCache:
 
 _memory = MemoryCache(settings.SKILL_CACHE_L1_SIZE)
 
+Caller = Callable[[Skill, SkillContext, Any], Any]
 
-def call(skill: Skill, ctx: SkillContext, input: Any) -> tuple[Any, bool]:
+
+def _direct(skill: Skill, ctx: SkillContext, input: Any) -> Any:
+    return skill.func(ctx, input)
+
+
+def call(skill: Skill, ctx: SkillContext, input: Any, call: Caller = _direct) -> tuple[Any, bool]:
     """The skill's output for this input, and whether it came from the cache.
 
-    A skill without ``cache_ttl`` is simply called. An exception the skill
+    On a miss (and for a skill without ``cache_ttl``) the skill is called by
+    ``call`` (the step runtime passes its circuit breaker's). An exception it
     raises passes through and stores nothing.
     """
     if skill.cache_ttl is None:
-        return skill.func(ctx, input), False
+        return call(skill, ctx, input), False
     cache_key = key(skill.name, input, ctx.args)
     found, output = lookup(skill.name, cache_key)
     if found:
         return output, True
-    output = skill.func(ctx, input)
+    output = call(skill, ctx, input)
     remember(cache_key, output, skill.cache_ttl)
     return output, False
 

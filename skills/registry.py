@@ -3,19 +3,24 @@
 A skill is a plain function ``(ctx, input) -> output`` registered with
 ``@skill(...)``. The declaration carries everything the orchestrator needs to
 schedule it: default and maximum time limits, retries and backoff, the queue
-its steps go to, whether a failure may degrade instead of failing the run,
-and how long its outputs may be reused (``cache_ttl``: skills/cache.py).
+its steps go to, whether a failure may degrade instead of failing the run
+(and the output a skipped step yields then), its circuit breaker, if any
+(``skills.breakers``), and how long its outputs may be reused (``cache_ttl``:
+skills/cache.py).
 Inputs and outputs cross the broker as JSON, so both must be JSON values.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from .breakers import Breaker
 
 
 class SkillError(Exception):
@@ -59,6 +64,8 @@ class Skill:
     optional: bool
     # Seconds a successful output is reused for the same input and args; None: never.
     cache_ttl: float | None = None
+    breaker: Breaker | None = None
+    fallback: Any = None  # the output of a skipped (optional) step of this skill
 
     def check(self) -> None:
         """Refuse a declaration whose limits contradict each other."""
@@ -74,6 +81,12 @@ class Skill:
             raise ImproperlyConfigured(f"skill {self.name}: retries and backoff must not be negative")
         if self.cache_ttl is not None and not self.cache_ttl > 0:
             raise ImproperlyConfigured(f"skill {self.name}: cache_ttl must be a positive number of seconds (or None)")
+        if self.breaker is not None and (problem := self.breaker.check(self.name)):
+            raise ImproperlyConfigured(problem)
+        try:
+            json.dumps(self.fallback)
+        except (TypeError, ValueError) as exc:
+            raise ImproperlyConfigured(f"skill {self.name}: fallback must be a JSON value ({exc})") from exc
 
 
 class Registry:
@@ -113,12 +126,17 @@ def skill(
     queue: str = "default",
     optional: bool = False,
     cache_ttl: float | None = None,
+    breaker: Breaker | None = None,
+    fallback: Any = None,
 ) -> Callable[[SkillFunc], SkillFunc]:
     """Register a function as a skill. Maxima default to the defaults.
 
     With ``cache_ttl`` (seconds) a successful output is reused, without
     calling the skill, by steps with the same input and args for that long:
     only for a skill whose output depends on nothing else (skills/cache.py).
+    ``breaker``: a circuit breaker shared by all workers (``skills.breakers``);
+    none by default. ``fallback``: the output of a step of this skill that is
+    skipped (an optional step that failed, or whose circuit is open); null by default.
     """
 
     def register(func: SkillFunc) -> SkillFunc:
@@ -137,6 +155,8 @@ def skill(
                 queue=queue,
                 optional=optional,
                 cache_ttl=cache_ttl,
+                breaker=breaker,
+                fallback=fallback,
             )
         )
         return func

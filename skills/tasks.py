@@ -36,7 +36,7 @@ from orchestration import state
 from orchestration.models import Step, StepStatus
 from orchestration.state import ClaimOutcome
 
-from . import cache
+from . import breakers, cache
 from .registry import SkillContext, SkillError, registry
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _run(
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
         raise StepHalted(step.skill)
     try:
-        output, cached = cache.call(skill, _context(step), upstream)
+        output, cached = cache.call(skill, _context(step), upstream, call=breakers.call)
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
         return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
@@ -303,23 +303,30 @@ def _handle_failure(
 ) -> Any:
     timed_out = isinstance(exc, SoftTimeLimitExceeded)
     error = f"timed out after {step.soft_time_limit:g}s (soft limit)" if timed_out else _message(exc)
-    if step.attempts <= retry["max"]:
+    # An open circuit fails (or skips) its step at once: a retry would find it open too.
+    if step.attempts <= retry["max"] and not isinstance(exc, breakers.CircuitOpen):
         countdown = backoff(step.attempts, retry["backoff"], retry["backoff_max"])
         state.retry_step(state.StepRef.of(step), error, countdown, timed_out)
         # A new delivery: if this message is redelivered too, only one of them runs.
         kwargs = {k: v for k, v in _kwargs(task).items() if k not in ("done", "outages")}
         headers = _headers(task, uuid.uuid4().hex)
         raise task.retry(kwargs=kwargs, countdown=countdown, exc=exc, headers=headers)
-    if not isinstance(exc, SkillError | SoftTimeLimitExceeded):
+    if not isinstance(exc, SkillError | SoftTimeLimitExceeded | breakers.CircuitOpen):
         # Not an outcome the skill chose but a bug or an outage: its traceback
         # goes to the log, and so to Sentry (agentsite/sentry.py scrubs it).
         log.error("step %s: skill %s raised %s", step.pk, step.skill, type(exc).__name__, exc_info=exc)
     if step.optional:
-        if not state.skip_step(state.StepRef.of(step), error, delivery, finishes_run, timed_out):
+        fallback = _fallback(step.skill)
+        if not state.skip_step(state.StepRef.of(step), error, delivery, finishes_run, timed_out, output=fallback):
             raise Ignore()
-        return None
+        return fallback
     state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)
     raise StepHalted(error) from exc
+
+
+def _fallback(name: str) -> Any:
+    skill = registry.get(name)
+    return skill.fallback if skill is not None else None
 
 
 def backoff(attempt: int, factor: float, maximum: float) -> float:

@@ -22,6 +22,8 @@ FIELDS = {
     "backoff_max",
     "optional",
     "cache_ttl",
+    "fallback",
+    "breaker",
 }
 
 
@@ -75,6 +77,19 @@ def test_it_shows_a_skills_cache_ttl(api):
 
     assert skills["counted_echo"]["cache_ttl"] == counted_echo.cache_ttl == 5
     assert skills["echo"]["cache_ttl"] is None
+
+
+def test_it_shows_no_breaker_for_a_skill_without_one(api):
+    assert skills_by_name(api)["echo"]["breaker"] is None
+
+
+def test_it_shows_a_skills_breaker_and_fallback(api):
+    fragile = skills_by_name(api)["fragile"]
+
+    assert fragile["fallback"] == {"fallback": True}
+    assert fragile["breaker"]["fail_max"] == 3
+    assert fragile["breaker"]["reset_timeout"] == 5
+    assert fragile["breaker"]["state"] in ("closed", "open", "half_open")
 
 
 def test_it_lists_every_registered_skill_once_in_name_order(api):

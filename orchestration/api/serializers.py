@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestration import outbound
@@ -63,6 +64,18 @@ class InputField(serializers.JSONField):
     default_validators = [validate_input]
 
 
+class BreakerSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(
+        choices=["closed", "open", "half_open", "unknown"],
+        help_text="open: steps fail (or, optional, are skipped) without calling the skill; "
+        "half_open: the next call is a trial; unknown: Redis did not answer.",
+    )
+    failures = serializers.IntegerField(help_text="Consecutive failed attempts counted.")
+    fail_max = serializers.IntegerField(help_text="The circuit opens at this many consecutive failed attempts.")
+    reset_timeout = serializers.FloatField(help_text="Seconds it stays open before a trial call.")
+    opened_at = serializers.DateTimeField(allow_null=True, help_text="When it last opened; null while closed.")
+
+
 class SkillSerializer(serializers.Serializer):
     name = serializers.CharField()
     description = serializers.CharField()
@@ -78,6 +91,13 @@ class SkillSerializer(serializers.Serializer):
     cache_ttl = serializers.FloatField(
         allow_null=True, help_text="Seconds a successful output is reused for the same input and args; null: never."
     )
+    fallback = serializers.JSONField(help_text="The output of a skipped (optional) step of this skill.")
+    breaker = serializers.SerializerMethodField(help_text="Its circuit breaker, shared by all workers; null: none.")
+
+    @extend_schema_field(BreakerSerializer(allow_null=True))
+    def get_breaker(self, skill: Any) -> dict[str, Any] | None:
+        """From ``context["breakers"]`` (skills.breakers.states, read once for the whole list)."""
+        return self.context.get("breakers", {}).get(skill.name)
 
 
 def deadline_field(**kwargs: Any) -> serializers.FloatField:

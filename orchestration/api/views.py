@@ -31,6 +31,7 @@ from rest_framework.throttling import BaseThrottle
 from orchestration import services
 from orchestration.events import EventStream, NoStreamSlot
 from orchestration.models import Conversation, MessageRole, Run, Workflow
+from skills import breakers
 from skills.registry import registry
 
 from .schema import field_errors
@@ -85,11 +86,12 @@ class OwnedMixin(GenericAPIView[Any]):
 
 
 class SkillViewSet(viewsets.ViewSet):
-    """The registered skills, with their queues, limits and retry policy."""
+    """The registered skills, with their queues, limits, retry policy and circuit breaker's state."""
 
     @extend_schema(responses=SkillSerializer(many=True))
     def list(self, request: Request) -> Response:
-        return Response(SkillSerializer(list(registry), many=True).data)
+        skills = list(registry)
+        return Response(SkillSerializer(skills, many=True, context={"breakers": breakers.states(skills)}).data)
 
 
 WORKFLOW_OWNER_PARAMETER = OpenApiParameter(
