@@ -39,9 +39,13 @@ class StepOptions:
     retries: int
     backoff: float
     backoff_max: float
+    # The run's deadline as run_step's ``deadline`` kwarg (skills/budget.py); None: not capped.
+    deadline: Mapping[str, float] | None = None
 
     @classmethod
-    def for_step(cls, planned: PlannedStep, step_id: int, task_id: str) -> StepOptions:
+    def for_step(
+        cls, planned: PlannedStep, step_id: int, task_id: str, deadline: Mapping[str, float] | None = None
+    ) -> StepOptions:
         return cls(
             step_id=step_id,
             task_id=task_id,
@@ -52,6 +56,7 @@ class StepOptions:
             retries=planned.retries,
             backoff=planned.backoff,
             backoff_max=planned.backoff_max,
+            deadline=deadline,
         )
 
 
@@ -110,6 +115,8 @@ def step_signature(options: StepOptions, finishes_run: bool = False) -> Signatur
     kwargs: dict[str, Any] = {"step_id": options.step_id, "retry": retry}
     if finishes_run:
         kwargs["finishes_run"] = True
+    if options.deadline is not None:
+        kwargs["deadline"] = dict(options.deadline)
     return Signature(STEP_TASK, kwargs=kwargs, options=call_options)
 
 

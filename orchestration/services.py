@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from agentsite import telemetry
 from agentsite.celery import app
+from skills.budget import Deadline
 
 from . import canvas, metrics, state, webhooks
 from .models import (
@@ -82,8 +83,10 @@ def start_run(
         )
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))
+        budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
         options = {
-            p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id)) for p, s in zip(planned, steps, strict=True)
+            p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
+            for p, s in zip(planned, steps, strict=True)
         }
         transaction.on_commit(lambda: enqueue(run.pk, spec, input, options))
         metrics.run_started(workflow.name if workflow else None)
@@ -151,7 +154,8 @@ def publish(run: Run) -> None:
     """Publish an existing run's canvas again (replay, sweeper)."""
     planned = plan(run.spec)
     rows = {path: (pk, str(task_id)) for pk, path, task_id in run.steps.values_list("pk", "path", "task_id")}
-    options = {p.path: canvas.StepOptions.for_step(p, *rows[p.path]) for p in planned}
+    budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
+    options = {p.path: canvas.StepOptions.for_step(p, *rows[p.path], budget) for p in planned}
     enqueue(run.pk, run.spec, run.input, options)
 
 

@@ -13,8 +13,10 @@ Inputs and outputs cross the broker as JSON, so both must be JSON values.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -38,6 +40,17 @@ class SkillContext:
     state: dict[str, Any]
     args: dict[str, Any]
     attempt: int
+    # When the run must have ended (its steps' time budget, skills/budget.py); None: no deadline known.
+    deadline: datetime | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left of the run's deadline (0 once past); None without one.
+
+        A skill that calls out (a model, a fetch) can pass it on as its timeout.
+        """
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline.timestamp() - time.time())
 
     @property
     def idempotency_key(self) -> str:

@@ -7,7 +7,9 @@ from typing import Any
 from celery.signals import task_revoked
 
 from orchestration import state
-from orchestration.models import Step
+from orchestration.models import Step, StepStatus
+
+from . import budget
 
 
 @task_revoked.connect
@@ -20,6 +22,10 @@ def fail_revoked_step(sender: Any = None, request: Any = None, expired: bool = F
         return
     step_id = (request.kwargs or {}).get("step_id")
     if step_id is None:
+        return
+    if expired and (error := budget.expired_error(request.kwargs)):
+        # It waited in the queue until its run's deadline (skills/budget.py caps expires by it).
+        state.fail_step(step_id, error, StepStatus.TIMED_OUT, task_id=request.id)
         return
     if expired:
         ttl = Step.objects.filter(pk=step_id).values_list("ttl", flat=True).first() or 0

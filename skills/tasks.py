@@ -36,7 +36,7 @@ from orchestration import state
 from orchestration.models import Step, StepStatus
 from orchestration.state import ClaimOutcome
 
-from . import breakers, cache
+from . import breakers, budget, cache
 from .registry import SkillContext, SkillError, registry
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class StepTask(Task):
         if step_id is None or isinstance(exc, StepHalted):
             return
         if isinstance(exc, TimeLimitExceeded):
-            error = f"killed at the hard time limit ({exc.args[0] if exc.args else '?'}s)"
+            limit = exc.args[0] if exc.args else "?"
+            error = f"killed at the hard time limit ({limit}s){budget.past_deadline(kwargs)}"
             state.fail_step(step_id, error, StepStatus.TIMED_OUT, task_id=task_id)
         elif isinstance(exc, (BrokerUnavailable, *DATABASE_DOWN)):
             # Outcome not recorded, or next step not sent: the sweeper resumes the run.
@@ -136,8 +137,11 @@ def run_step(
     done: dict[str, Any] | None = None,
     outages: int = 0,
     finishes_run: bool = False,
+    deadline: dict[str, float] | None = None,
 ) -> Any:
     """Run one step; with ``finishes_run`` (the spec's last step) its output ends the run too.
+
+    ``deadline`` is the run's (skills/budget.py): the step gets only what is left of it.
 
     After a database outage the task retries as the same delivery
     (``_headers``); ``done`` then carries a skill output still to store
@@ -171,8 +175,12 @@ def _run(
     if skill is None:
         state.fail_step(step.pk, f'skill "{step.skill}" is not registered on this worker')
         raise StepHalted(step.skill)
+    time_left = budget.StepBudget.at_start(_kwargs(task), task.request.timelimit)
+    if time_left.fail_if_spent(step.pk):
+        raise StepHalted(f"step {step.key}: no time left of its run's deadline")
     try:
-        output, cached = cache.call(skill, _context(step), upstream, call=breakers.call)
+        with time_left.enforced():
+            output, cached = cache.call(skill, _context(step, time_left.deadline), upstream, call=breakers.call)
     except Exception as exc:  # noqa: BLE001 - every skill failure is recorded
         return _handle_failure(task, step, delivery, exc, retry, finishes_run)
     try:
@@ -302,7 +310,8 @@ def _handle_failure(
     task: Task, step: Step, delivery: str, exc: Exception, retry: dict[str, float], finishes_run: bool
 ) -> Any:
     timed_out = isinstance(exc, SoftTimeLimitExceeded)
-    error = f"timed out after {step.soft_time_limit:g}s (soft limit)" if timed_out else _message(exc)
+    own_timeout = f"timed out after {step.soft_time_limit:g}s (soft limit)"
+    error = (budget.timeout_error(exc) or own_timeout) if timed_out else _message(exc)
     # An open circuit fails (or skips) its step at once: a retry would find it open too.
     if step.attempts <= retry["max"] and not isinstance(exc, breakers.CircuitOpen):
         countdown = backoff(step.attempts, retry["backoff"], retry["backoff_max"])
@@ -334,7 +343,7 @@ def backoff(attempt: int, factor: float, maximum: float) -> float:
     return min(maximum, factor * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-def _context(step: Step) -> SkillContext:
+def _context(step: Step, deadline: budget.Deadline | None = None) -> SkillContext:
     conversation = step.run.conversation
     return SkillContext(
         run_id=step.run_id,
@@ -344,6 +353,7 @@ def _context(step: Step) -> SkillContext:
         state=dict(conversation.state) if conversation else {},
         args=step.args,
         attempt=step.attempts,
+        deadline=deadline.as_datetime() if deadline else None,
     )
 
 

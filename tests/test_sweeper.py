@@ -24,8 +24,11 @@ pytestmark = pytest.mark.worker
 
 
 def test_a_run_past_its_deadline_fails_and_its_running_step_is_stopped(worker, user):
-    run = start_run(owner=user, spec={"chain": [effect("a"), effect("slow", seconds=60), effect("c")]}, deadline=1)
+    run = start_run(owner=user, spec={"chain": [effect("a"), effect("slow", seconds=60), effect("c")]}, deadline=60)
     slow = running_attempt(run, "slow", 1)
+    # Shortened once the step runs: its message's budget (skills/budget.py) would have cut it at a 1 s deadline.
+    run.deadline = run.created_at + timedelta(seconds=1)
+    run.save(update_fields=["deadline"])
     time.sleep(max(0, (run.deadline - timezone.now()).total_seconds()) + 0.05)
 
     report = sweep()
