@@ -3,15 +3,31 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from . import services
-from .models import Conversation, IdempotencyKey, Message, Run, RunEvent, Step, WebhookDelivery, Workflow
+from .models import (
+    Conversation,
+    IdempotencyKey,
+    Message,
+    Run,
+    RunEvent,
+    RunStatus,
+    Step,
+    StepStatus,
+    WebhookDelivery,
+    Workflow,
+)
 
 
 class MessageInline(admin.TabularInline):
@@ -90,6 +106,7 @@ class RunAdmin(admin.ModelAdmin):
         "replays",
         "republished_at",
         "trace_id",
+        "waiting_for",
     ]
     date_hierarchy = "created_at"
     inlines = [StepInline, WebhookDeliveryInline]
@@ -97,6 +114,37 @@ class RunAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
         return super().get_queryset(request).select_related("owner", "workflow")
+
+    def get_urls(self) -> list[URLPattern]:
+        resume = path("<int:run_id>/resume/", self.admin_site.admin_view(self.resume_view), name=RESUME_URL)
+        return [resume, *super().get_urls()]
+
+    @admin.display(description="Waiting for")
+    def waiting_for(self, run: Run) -> str:
+        """The prompt of a waiting run, with a link to answer it."""
+        wait = waiting_step(run)
+        if wait is None:
+            return "-"
+        link = reverse(f"admin:{RESUME_URL}", args=[run.pk])
+        return format_html('{}: "{}" <a href="{}">Resume&hellip;</a>', wait["step"], wait["prompt"], link)
+
+    def resume_view(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        """A form for a JSON payload that resumes a waiting run (as POST /api/runs/{id}/resume/)."""
+        run = get_object_or_404(Run, pk=run_id)
+        if not self.has_change_permission(request, run):
+            raise PermissionDenied
+        form = ResumeForm(request.POST if request.method == "POST" else None)
+        if form.is_valid():
+            try:
+                key = services.resume_waiting_run(run, form.cleaned_data["payload"], by=request.user.get_username())
+            except services.Conflict as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, f"Run {run.pk} resumed: step {key} got the payload.", messages.SUCCESS)
+            return redirect("admin:orchestration_run_change", run.pk)
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "run": run, "form": form}
+        context["waiting_for"] = waiting_step(run)
+        return TemplateResponse(request, "admin/orchestration/run/resume.html", context)
 
     @admin.action(description="Cancel selected runs")
     def cancel_runs(self, request: HttpRequest, queryset: QuerySet[Run]) -> None:
@@ -122,6 +170,27 @@ class RunAdmin(admin.ModelAdmin):
             self.message_user(request, reason, messages.WARNING)
         if len(refused) > 10:
             self.message_user(request, f"... and {len(refused) - 10} more not {done}.", messages.WARNING)
+
+
+RESUME_URL = "orchestration_run_resume"
+
+
+class ResumeForm(forms.Form):
+    payload = forms.JSONField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 6, "cols": 60}),
+        help_text='Any JSON, e.g. {"approved": true}: the waiting step\'s output. Empty: null.',
+    )
+
+
+def waiting_step(run: Run) -> dict[str, Any] | None:
+    """The step a waiting run waits on: its key, prompt and timeout; None unless the run waits."""
+    if run.status != RunStatus.WAITING:
+        return None
+    step = run.steps.filter(status=StepStatus.RUNNING, wait__isnull=False).order_by("id").first()
+    if step is None or step.wait is None:
+        return None
+    return {"step": step.key, "prompt": step.wait["prompt"], "timeout_at": step.wait.get("timeout_at")}
 
 
 @admin.register(Step)

@@ -207,6 +207,12 @@ class Step(models.Model):
     cached = models.BooleanField(
         default=False, help_text="It succeeded with an output from the skill result cache: the skill was not called."
     )
+    wait = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="What its skill asked to wait for (prompt, timeout_at, default): the step waits while it is "
+        "running with this set, and succeeds with the payload it is resumed with (orchestration/waiting.py).",
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

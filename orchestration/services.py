@@ -35,9 +35,10 @@ from .models import (
     Run,
     RunStatus,
     Step,
+    StepStatus,
     Workflow,
 )
-from .spec import PlannedStep, SpecError, plan
+from .spec import ROOT, PlannedStep, SpecError, plan
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,24 @@ def replay_run(run: Run) -> None:
     transaction.on_commit(lambda: publish(Run.objects.get(pk=run.pk)))
 
 
+def resume_waiting_run(run: Run, payload: Any, by: str, step_id: int | None = None) -> str:
+    """Answer a waiting run: its waiting step succeeds with ``payload`` and the run goes on; that step's key.
+
+    ``step_id``: that waiting step (the sweeper's timeouts), else the first
+    that waits. The canvas is published again once committed, as after a
+    replay: finished steps pass their stored outputs on, so execution goes
+    on after the step. Raises Conflict if the run is not waiting.
+    """
+    final = canvas.final_step(run.spec, ROOT)
+    key = state.resume_waiting(run.pk, payload, by, final, step_id)
+    if key is None:
+        current = Run.objects.values_list("status", flat=True).get(pk=run.pk)
+        raise Conflict(f"run {run.pk} is {current}; only a waiting run can be resumed")
+    if Run.objects.filter(pk=run.pk, status__in=ACTIVE_RUN_STATUSES).exists():
+        transaction.on_commit(lambda: publish(Run.objects.get(pk=run.pk)))
+    return key
+
+
 def revoke(task_ids: list[str]) -> None:
     """Drop queued messages of these tasks and terminate them where running.
 
@@ -280,13 +299,15 @@ class SweepReport:
     resumed: list[int]
     keys_purged: int
     webhooks_resumed: list[int]
+    waits_timed_out: list[int]
 
 
 def sweep() -> SweepReport:
-    """Fail runs past their deadline, resume stalled ones and lost webhook deliveries, forget expired keys."""
+    """Fail overdue runs, time out waits, resume stalled runs and lost webhook deliveries, forget expired keys."""
     now = timezone.now()
     return SweepReport(
         expired=expire_overdue(now),
+        waits_timed_out=time_out_waits(now),
         resumed=resume_stalled(now),
         keys_purged=purge_keys(now),
         webhooks_resumed=webhooks.resume_lost(now),
@@ -330,6 +351,33 @@ def resume_stalled(now: datetime) -> list[int]:
             continue
         resumed.append(run.pk)
     return resumed
+
+
+def time_out_waits(now: datetime) -> list[int]:
+    """Waiting steps past their timeout: resumed with their declared default, else timed out (failing their run).
+
+    The ids of the runs they were in. A wait's timeout is capped by its run's
+    deadline, and expire_overdue runs first: at the deadline the run fails,
+    default or not.
+    """
+    due = Step.objects.filter(
+        run__status=RunStatus.WAITING, status=StepStatus.RUNNING, wait__isnull=False, lease_until__lt=now
+    )
+    timed_out = []
+    for step_id, run_id, found in due.values_list("pk", "run_id", "wait")[:SWEEP_BATCH]:
+        wait: dict[str, Any] = found or {}
+        if "default" in wait:
+            try:
+                resume_waiting_run(Run.objects.get(pk=run_id), wait["default"], by="timeout", step_id=step_id)
+            except Conflict:
+                continue  # resumed or ended meanwhile
+        else:
+            timeout = wait.get("timeout")
+            error = "no input by the run's deadline" if timeout is None else f"no input within {timeout:g}s"
+            if not state.fail_step(step_id, error, StepStatus.TIMED_OUT):
+                continue
+        timed_out.append(run_id)
+    return timed_out
 
 
 def purge_keys(now: datetime) -> int:

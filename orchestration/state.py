@@ -49,6 +49,7 @@ class ClaimOutcome(Enum):
     DUPLICATE = "duplicate"  # another message holds the step: change nothing
     BUSY = "busy"  # a copy of the running holder's own message: ask again shortly
     RUN_ENDED = "run_ended"  # the run is over: stop this branch
+    WAITING = "waiting"  # the step waits to be resumed (wait_step): stop this branch
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
             outcome = _take_over(step, delivery)
         elif step.run.status not in ACTIVE_RUN_STATUSES:
             outcome = ClaimOutcome.RUN_ENDED
+        elif step.status == StepStatus.RUNNING and step.wait is not None:
+            outcome = ClaimOutcome.WAITING
         elif step.status == StepStatus.PENDING or (resuming and step.delivery == delivery):
             outcome = _hold(step, delivery)
         elif step.delivery == delivery:
@@ -282,6 +285,72 @@ def retry_step(step: StepRef, error: str, countdown: float, timed_out: bool = Fa
         record(step.run_id, "step.retrying", step.id, error=error, countdown=round(countdown, 3))
         if retried:
             metrics.step_retried(step.skill, timed_out)
+
+
+def wait_step(step: StepRef, delivery: str, wait: dict[str, Any]) -> bool:
+    """The held step's skill asked to wait (skills.registry.Wait): the step waits, its run too.
+
+    The step stays ``running`` with ``wait`` set and no worker holding it
+    (its message is acknowledged: a message that asks for it finds it
+    WAITING and stops), its lease until the wait times out: after
+    ``wait["timeout"]`` seconds, capped by the run's deadline, or at the
+    deadline. ``wait`` gains ``timeout_at``. Only resume_waiting or the
+    sweeper (a timeout, or the deadline) move it on. False if ``delivery``
+    no longer holds the step, or it waits already; a run that ended
+    meanwhile cancels it (False too).
+    """
+    now = timezone.now()
+    deadline = Run.objects.values_list("deadline", flat=True).get(pk=step.run_id)
+    timeout = wait.get("timeout")
+    until = deadline if timeout is None else min(deadline, now + timedelta(seconds=timeout))
+    wait = {**wait, "timeout_at": until.isoformat()}
+    held = Step.objects.filter(pk=step.id, status=StepStatus.RUNNING, delivery=delivery, wait__isnull=True)
+    with transaction.atomic(savepoint=False):
+        if not held.update(wait=wait, lease_until=until, error=""):
+            return False
+        if not Run.objects.filter(pk=step.run_id, status__in=ACTIVE_RUN_STATUSES).update(status=RunStatus.WAITING):
+            _finish_step(step, StepStatus.CANCELLED, error="not run: the run ended")
+            return False
+        key = Step.objects.values_list("key", flat=True).get(pk=step.id)
+        record(step.run_id, "run.waiting", step.id, step=key, prompt=wait["prompt"], timeout_at=wait["timeout_at"])
+    return True
+
+
+def resume_waiting(
+    run_id: int, payload: Any, by: str, final_path: str | None, step_id: int | None = None
+) -> str | None:
+    """A waiting run's first waiting step (or step ``step_id``) succeeds with ``payload``; its key, or None.
+
+    Its run is ``running`` again unless another of its steps still waits, and
+    its finished steps may be passed on by the canvas published again (as
+    after a replay). When that step is the spec's last (its path is
+    ``final_path``) the run succeeds with the payload instead. None, changing
+    nothing, if the run is not waiting (or that step does not wait): of
+    concurrent calls exactly one resumes a step (the run's row is locked
+    first, then checked).
+    """
+    now = timezone.now()
+    waiting = Step.objects.filter(run_id=run_id, status=StepStatus.RUNNING, wait__isnull=False).order_by("id")
+    answered = waiting if step_id is None else waiting.filter(pk=step_id)
+    with transaction.atomic(savepoint=False):
+        if not Run.objects.filter(pk=run_id, status=RunStatus.WAITING).update(republished_at=now):
+            return None
+        row = answered.values_list("pk", "key", "path", "skill", "started_at").first()
+        if row is None:
+            return None
+        step_id, key, path, skill, started_at = row
+        Step.objects.filter(pk=step_id).update(
+            status=StepStatus.SUCCEEDED, output=payload, error="", finished_at=now, lease_until=now
+        )
+        Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
+        if not waiting.exists():
+            Run.objects.filter(pk=run_id).update(status=RunStatus.RUNNING)
+        record(run_id, "step.succeeded", step_id, resumed=True)
+        record(run_id, "run.resumed", step_id, step=key, by=by)
+        metrics.step_finished(skill, StepStatus.SUCCEEDED, started_at, now)
+        if path == final_path:
+            succeed_run(run_id, payload)
+    return str(key)
 
 
 def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id: str | None = None) -> bool:
@@ -447,7 +516,7 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
         kept = Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
         redo = list(Step.objects.filter(run_id=run_id).exclude(status__in=FINISHED_STEP_STATUSES))
         for step in redo:
-            step.status, step.output, step.error, step.delivery = StepStatus.PENDING, None, "", ""
+            step.status, step.output, step.error, step.delivery, step.wait = StepStatus.PENDING, None, "", "", None
             step.attempts = step.redeliveries = 0
             step.started_at = step.finished_at = step.lease_until = None
             step.task_id = uuid.uuid4()
@@ -466,6 +535,7 @@ _RESET_STEP_FIELDS = [
     "started_at",
     "finished_at",
     "lease_until",
+    "wait",
 ]
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 @shared_task(name="agentsite.sweep", acks_late=True, soft_time_limit=120, time_limit=150)
 def sweep() -> dict[str, Any]:
-    """Fail runs past their deadline, resume stalled ones, forget expired keys."""
+    """Fail runs past their deadline, time out waits, resume stalled runs, forget expired keys."""
     report = services.sweep()
     if report.expired or report.resumed or report.webhooks_resumed:
         log.warning(
@@ -25,6 +25,8 @@ def sweep() -> dict[str, Any]:
             report.resumed,
             report.webhooks_resumed,
         )
+    if report.waits_timed_out:
+        log.info("sweep: waits timed out in runs %s", report.waits_timed_out)
     return asdict(report)
 
 

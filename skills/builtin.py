@@ -9,7 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from .breakers import Breaker
 from .models import Effect
-from .registry import SkillContext, SkillError, skill
+from .registry import NO_DEFAULT, SkillContext, SkillError, skill
 
 
 @skill(
@@ -78,6 +78,18 @@ def _sleep(seconds: float, *, shield: bool) -> None:
         except SoftTimeLimitExceeded:
             if not shield:
                 raise
+
+
+@skill(
+    description="Waits for input (human in the loop): the run is waiting with args.prompt until "
+    "POST /api/runs/{id}/resume/ gives the payload, which becomes this step's output. After "
+    "args.timeout seconds (optional) it takes args.default if given, else it times out.",
+    soft_time_limit=5,
+    time_limit=10,
+)
+def ask_human(ctx: SkillContext, input: Any) -> Any:
+    default = ctx.args.get("default", NO_DEFAULT)
+    return ctx.wait(str(ctx.args.get("prompt", "Continue?")), ctx.args.get("timeout"), default)
 
 
 @skill(description="Raises with args.message.", soft_time_limit=5, time_limit=10)

@@ -35,7 +35,7 @@ from django.conf import settings
 
 from orchestration import metrics
 
-from .registry import Skill, SkillContext
+from .registry import Skill, SkillContext, Wait
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def call(skill: Skill, ctx: SkillContext, input: Any, call: Caller = _direct) ->
     if found:
         return output, True
     output = call(skill, ctx, input)
-    remember(cache_key, output, skill.cache_ttl)
+    if not isinstance(output, Wait):  # a request to wait is not an output
+        remember(cache_key, output, skill.cache_ttl)
     return output, False
 
 

@@ -29,6 +29,35 @@ class SkillError(Exception):
     """A skill failed in an expected way; the message is shown to users."""
 
 
+NO_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True)
+class Wait:
+    """What a skill returns to wait for input (a human, an external event): ``return ctx.wait(...)``.
+
+    The step then waits and holds no worker; its run is ``waiting`` until
+    ``POST /api/runs/{id}/resume/`` gives the payload that becomes the step's
+    output, and the run goes on from the next step. After ``timeout``
+    seconds (capped by the run's deadline; none: until the deadline) the
+    step succeeds with ``default`` if one was given, else it times out and
+    its run fails (orchestration.state.wait_step).
+    """
+
+    prompt: str
+    timeout: float | None = None
+    default: Any = NO_DEFAULT
+
+    def record(self) -> dict[str, Any]:
+        """As JSON: what the step keeps (Step.wait) and a retry carries."""
+        wait = {"prompt": self.prompt, "timeout": self.timeout}
+        return wait if self.default is NO_DEFAULT else {**wait, "default": self.default}
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Wait:
+        return cls(record["prompt"], record["timeout"], record.get("default", NO_DEFAULT))
+
+
 @dataclass(frozen=True)
 class SkillContext:
     """What a skill knows about the step it runs in."""
@@ -56,6 +85,18 @@ class SkillContext:
     def idempotency_key(self) -> str:
         """Stable across retries and redeliveries: use it for external calls."""
         return f"{self.run_id}:{self.step_key}"
+
+    def wait(self, prompt: str, timeout: float | None = None, default: Any = NO_DEFAULT) -> Wait:
+        """A request to wait for input, for the skill to return (see Wait); ``default`` needs a ``timeout``."""
+        if not isinstance(prompt, str) or not prompt:
+            raise SkillError("wait: the prompt must be a non-empty string")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)
+        ):
+            raise SkillError(f"wait: the timeout must be a positive number of seconds, not {timeout!r}")
+        if default is not NO_DEFAULT and timeout is None:
+            raise SkillError("wait: a default is taken when the wait times out, so it needs a timeout")
+        return Wait(prompt, None if timeout is None else float(timeout), default)
 
 
 SkillFunc = Callable[[SkillContext, Any], Any]

@@ -37,7 +37,7 @@ from orchestration.models import Step, StepStatus
 from orchestration.state import ClaimOutcome
 
 from . import breakers, budget, cache
-from .registry import SkillContext, SkillError, registry
+from .registry import SkillContext, SkillError, Wait, registry
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,7 @@ def run_step(
     delivery = delivery_of(self.request)
     try:
         if done is not None:
-            return _store(
-                state.StepRef.load(step_id), delivery, done["output"], finishes_run, done.get("cached", False)
-            )
+            return _store(state.StepRef.load(step_id), delivery, _output(done), finishes_run, done.get("cached", False))
         return _run(self, upstream, step_id, delivery, retry, finishes_run, resuming=outages > 0)
     except DATABASE_DOWN as exc:
         _retry_later(self, exc, outages)
@@ -188,7 +186,7 @@ def _run(
             return _store(state.StepRef.of(step), delivery, output, finishes_run, cached)
     except DATABASE_DOWN as exc:
         # The skill's work is done: retry storing its output, never the skill.
-        _retry_later(task, exc, _kwargs(task).get("outages", 0), done={"output": output, "cached": cached})
+        _retry_later(task, exc, _kwargs(task).get("outages", 0), done=_done(output, cached))
         raise  # not reached: _retry_later raises
 
 
@@ -267,9 +265,22 @@ def _terminated_only_after() -> Iterator[None]:
 
 
 def _store(step: state.StepRef, delivery: str, output: Any, finishes_run: bool, cached: bool = False) -> Any:
+    if isinstance(output, Wait):  # the step waits: nothing to pass on, and no worker held meanwhile
+        if not state.wait_step(step, delivery, output.record()):
+            raise Ignore()
+        raise StepHalted(f"step {step.id} waits for input")
     if not state.succeed_step(step, output, delivery, finishes_run, cached):
         raise Ignore()  # the run ended, or the sweeper gave the step to another message
     return output
+
+
+def _done(output: Any, cached: bool) -> dict[str, Any]:
+    """A skill's outcome still to store, as a retry's JSON kwargs carry it."""
+    return {"wait": output.record()} if isinstance(output, Wait) else {"output": output, "cached": cached}
+
+
+def _output(done: dict[str, Any]) -> Any:
+    return Wait.of(done["wait"]) if "wait" in done else done["output"]
 
 
 def _retry_later(task: Task, exc: Exception, outages: int, done: dict[str, Any] | None = None) -> None:

@@ -124,6 +124,8 @@ ROUTES: dict[tuple[str, str], Expect] = {
     ("run-detail", "get"): Expect(url("run-detail", "pk", run_of)),
     ("run-cancel", "post"): Expect(url("run-cancel", "pk", run_of), owner=202),
     ("run-retry", "post"): Expect(url("run-retry", "pk", lambda o: o.failed_run.pk), owner=202),
+    # The owner's run is queued, not waiting (tests/test_human_in_the_loop.py resumes waiting ones).
+    ("run-resume", "post"): Expect(url("run-resume", "pk", run_of), owner=409, body=lambda o: {"payload": 1}),
     ("run-events", "get"): Expect(url("run-events", "pk", run_of)),
 }
 

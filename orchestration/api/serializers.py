@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestration import outbound
-from orchestration.models import Conversation, Message, Run, Step, Workflow
+from orchestration.models import Conversation, Message, Run, RunStatus, Step, StepStatus, Workflow
 from orchestration.services import find_workflow, workflows_of
 from orchestration.spec import SpecError, plan
 
@@ -205,6 +205,7 @@ class StepSerializer(serializers.ModelSerializer):
             "ttl",
             "task_id",
             "cached",
+            "wait",
             "started_at",
             "finished_at",
             "duration_ms",
@@ -236,11 +237,34 @@ class RunSerializer(serializers.ModelSerializer):
         read_only_fields = ["trace_id"]
 
 
+class WaitingForSerializer(serializers.Serializer):
+    step = serializers.CharField(help_text="The key of the step that waits.")
+    prompt = serializers.CharField()
+    timeout_at = serializers.DateTimeField(help_text="When the wait times out (at the latest the run's deadline).")
+    default = serializers.JSONField(required=False, help_text="Its output if it times out; absent: it fails.")
+
+
 class RunDetailSerializer(RunSerializer):
     steps = StepSerializer(many=True, read_only=True)
+    waiting_for = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "spec", "steps"]
+        fields = [*RunSerializer.Meta.fields, "waiting_for", "spec", "steps"]
+
+    @extend_schema_field(WaitingForSerializer(allow_null=True))
+    def get_waiting_for(self, run: Run) -> dict[str, Any] | None:
+        """What the run waits for (its first waiting step), null unless it is waiting."""
+        if run.status != RunStatus.WAITING:
+            return None
+        for step in run.steps.all():  # prefetched
+            if step.status == StepStatus.RUNNING and step.wait is not None:
+                wait = {k: v for k, v in step.wait.items() if k in ("prompt", "timeout_at", "default")}
+                return {"step": step.key, **wait}
+        return None
+
+
+class ResumeSerializer(serializers.Serializer):
+    payload = InputField(allow_null=True, help_text="Any JSON: the waiting step's output.")
 
 
 class MessageSerializer(serializers.ModelSerializer):

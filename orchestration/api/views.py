@@ -42,6 +42,7 @@ from .serializers import (
     MessageAcceptedSerializer,
     MessageSerializer,
     PostMessageSerializer,
+    ResumeSerializer,
     RunDetailSerializer,
     RunSerializer,
     SkillSerializer,
@@ -369,7 +370,8 @@ class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
     """Runs with their status, output, error, timings and (in detail) steps.
 
     ``cancel`` stops an active run; ``retry`` replays a failed or cancelled one
-    from its unfinished steps, keeping the outputs of the steps that succeeded.
+    from its unfinished steps, keeping the outputs of the steps that succeeded;
+    ``resume`` answers a waiting one (human in the loop).
     """
 
     queryset = Run.objects.select_related("workflow")
@@ -428,6 +430,19 @@ class RunViewSet(OwnedMixin, viewsets.ReadOnlyModelViewSet):
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
+
+    @extend_schema(request=ResumeSerializer, responses={202: RunSerializer, 400: ErrorSerializer, 409: ErrorSerializer})
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str | None = None) -> Response:
+        """Answer a waiting run: ``payload`` becomes its waiting step's output, and the run goes on."""
+        run = self.get_object()
+        body = ResumeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            services.resume_waiting_run(run, body.validated_data["payload"], by=_user(request).get_username())
+        except services.Conflict as exc:
+            raise RunConflict(str(exc)) from exc
+        return Response(RunSerializer(Run.objects.get(pk=run.pk)).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: RunSerializer, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])
