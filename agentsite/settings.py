@@ -258,6 +258,7 @@ SPECTACULAR_SETTINGS = {
         "RunStatusEnum": "orchestration.models.RunStatus",
         "StepStatusEnum": "orchestration.models.StepStatus",
         "MessageRoleEnum": "orchestration.models.MessageRole",
+        "OnActiveEnum": "orchestration.models.OnActive",
     },
 }
 

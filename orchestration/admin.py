@@ -106,7 +106,8 @@ class RunAdmin(admin.ModelAdmin):
         "replays",
         "republished_at",
         "trace_id",
-        "waiting_for",
+        "awaiting_input",
+        "waiting_for",  # set and cleared by double-texting only
     ]
     date_hierarchy = "created_at"
     inlines = [StepInline, WebhookDeliveryInline]
@@ -119,8 +120,8 @@ class RunAdmin(admin.ModelAdmin):
         resume = path("<int:run_id>/resume/", self.admin_site.admin_view(self.resume_view), name=RESUME_URL)
         return [resume, *super().get_urls()]
 
-    @admin.display(description="Waiting for")
-    def waiting_for(self, run: Run) -> str:
+    @admin.display(description="Awaiting input")
+    def awaiting_input(self, run: Run) -> str:
         """The prompt of a waiting run, with a link to answer it."""
         wait = waiting_step(run)
         if wait is None:
@@ -143,7 +144,7 @@ class RunAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Run {run.pk} resumed: step {key} got the payload.", messages.SUCCESS)
             return redirect("admin:orchestration_run_change", run.pk)
         context = {**self.admin_site.each_context(request), "opts": self.opts, "run": run, "form": form}
-        context["waiting_for"] = waiting_step(run)
+        context["awaiting_input"] = waiting_step(run)
         return TemplateResponse(request, "admin/orchestration/run/resume.html", context)
 
     @admin.action(description="Cancel selected runs")

@@ -42,6 +42,15 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
 
+class OnActive(models.TextChoices):
+    """What a new run of a conversation does when the conversation has an active run (double-texting)."""
+
+    REJECT = "reject"  # refused: 409, nothing stored
+    ENQUEUE = "enqueue"  # held, and started once the runs before it ended, one at a time
+    INTERRUPT = "interrupt"  # the active runs are cancelled, the new one starts at once
+    ALLOW = "allow"  # started at once, alongside the active runs
+
+
 class Workflow(models.Model):
     """A named, validated spec. Without an owner it is shared by everyone.
 
@@ -62,6 +71,12 @@ class Workflow(models.Model):
         max_length=2000,
         blank=True,
         help_text="Where a CloudEvent is POSTed when a run ends (a run's own, else its workflow's, else this).",
+    )
+    on_active = models.CharField(
+        max_length=16,
+        choices=OnActive.choices,
+        default=OnActive.ENQUEUE,
+        help_text="What a run of it does when its conversation has an active run (a request may override it).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -120,6 +135,17 @@ class Run(models.Model):
     )
     last_event_seq = models.PositiveIntegerField(default=0, help_text="The seq of its latest RunEvent.")
     webhook_url = models.URLField(max_length=2000, blank=True, help_text="Where a CloudEvent is POSTed when it ends.")
+    # Set while the run is held (queued, not published) behind the run before it in its
+    # conversation (double-texting ``enqueue``); cleared when it is released. Its index
+    # serves the release (orchestration.double_texting.release_after).
+    waiting_for = models.ForeignKey(
+        "self",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Held: the run it starts after (its conversation's run before it); empty once released.",
+    )
     # No index: the admin's search ORs it with a substring search of the error,
     # a scan anyway, and the API does not filter by it.
     trace_id = models.CharField(

@@ -25,7 +25,7 @@ from agentsite import telemetry
 from agentsite.celery import app
 from skills.budget import Deadline
 
-from . import canvas, metrics, state, webhooks
+from . import canvas, double_texting, metrics, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Conversation,
@@ -58,6 +58,7 @@ def start_run(
     workflow: Workflow | None = None,
     deadline: float | None = None,
     webhook_url: str = "",
+    waiting_for: int | None = None,
 ) -> Run:
     """Insert a queued run with its pending steps; publish once committed.
 
@@ -65,7 +66,8 @@ def start_run(
     RUN_DEFAULT_DEADLINE; ``webhook_url`` likewise overrides the workflow's,
     which overrides the conversation's. Raises SpecError for an invalid spec (nothing is
     written). If the broker is down the run stays queued and the sweeper
-    publishes it later.
+    publishes it later. With ``waiting_for`` the run is held, not published:
+    it starts when that run ends (orchestration.double_texting).
     """
     planned = plan(spec)
     seconds = deadline or (workflow.deadline if workflow else None) or settings.RUN_DEFAULT_DEADLINE
@@ -81,17 +83,37 @@ def start_run(
             or (workflow.webhook_url if workflow else "")
             or (conversation.webhook_url if conversation else ""),
             trace_id=telemetry.current_trace_id(),
+            waiting_for_id=waiting_for,
         )
         steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
         state.record(run.pk, "run.queued", steps=len(steps))
+        metrics.run_started(workflow.name if workflow else None)
+        if waiting_for is not None:
+            return run
         budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
         options = {
             p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
             for p, s in zip(planned, steps, strict=True)
         }
         transaction.on_commit(lambda: enqueue(run.pk, spec, input, options))
-        metrics.run_started(workflow.name if workflow else None)
     return run
+
+
+def start_conversation_run(
+    *, conversation: Conversation, on_active: str, **run: Any
+) -> tuple[Run, double_texting.Admission]:
+    """Start a run of ``conversation`` under the double-texting policy ``on_active``.
+
+    ``run`` are start_run's arguments. Raises double_texting.Busy (``reject``
+    while a run is active: nothing is stored) or SpecError.
+    """
+    with transaction.atomic():
+        admission = double_texting.admit(conversation, on_active)
+        started = start_run(
+            owner=conversation.owner, conversation=conversation, waiting_for=admission.waiting_for, **run
+        )
+        double_texting.apply(started, admission)
+    return started, admission
 
 
 def post_message(
@@ -100,23 +122,23 @@ def post_message(
     content: str,
     spec: Any,
     workflow: Workflow | None,
+    on_active: str = double_texting.OnActive.ENQUEUE,
     deadline: float | None = None,
     webhook_url: str = "",
-) -> Message:
-    """Store a user message and start the run that answers it."""
+) -> tuple[Message, double_texting.Admission]:
+    """Store a user message and start the run that answers it (under ``on_active``, as start_conversation_run)."""
     with transaction.atomic():
-        message = Message.objects.create(conversation=conversation, role=MessageRole.USER, content=content)
-        message.run = start_run(
-            owner=conversation.owner,
+        run, admission = start_conversation_run(
+            conversation=conversation,
+            on_active=on_active,
             spec=spec,
             input={"content": content, "conversation_id": conversation.pk},
-            conversation=conversation,
             workflow=workflow,
             deadline=deadline,
             webhook_url=webhook_url,
         )
-        message.save(update_fields=["run"])
-    return message
+        message = Message.objects.create(conversation=conversation, role=MessageRole.USER, content=content, run=run)
+    return message, admission
 
 
 def workflows_of(owner: Any) -> QuerySet[Workflow]:
@@ -300,10 +322,14 @@ class SweepReport:
     keys_purged: int
     webhooks_resumed: list[int]
     waits_timed_out: list[int]
+    released: list[int]
 
 
 def sweep() -> SweepReport:
-    """Fail overdue runs, time out waits, resume stalled runs and lost webhook deliveries, forget expired keys."""
+    """Fail overdue runs, time out waits, resume stalled runs and lost webhook deliveries, forget expired keys.
+
+    Also releases held runs whose predecessor ended without releasing them.
+    """
     now = timezone.now()
     return SweepReport(
         expired=expire_overdue(now),
@@ -311,11 +337,13 @@ def sweep() -> SweepReport:
         resumed=resume_stalled(now),
         keys_purged=purge_keys(now),
         webhooks_resumed=webhooks.resume_lost(now),
+        released=double_texting.release_orphans(SWEEP_BATCH),
     )
 
 
 def expire_overdue(now: datetime) -> list[int]:
-    overdue = Run.objects.filter(status__in=ACTIVE_RUN_STATUSES, deadline__lt=now)
+    """Fail active runs past their deadline; not held ones, whose deadline starts over when released."""
+    overdue = Run.objects.filter(status__in=ACTIVE_RUN_STATUSES, deadline__lt=now, waiting_for__isnull=True)
     expired = []
     for run_id in overdue.values_list("pk", flat=True)[:SWEEP_BATCH]:
         task_ids = state.expire_run(run_id)
@@ -330,11 +358,14 @@ def stalled_runs(now: datetime) -> Any:
 
     Their messages were lost (a broker restart, a publish that failed or never
     happened, a worker killed with its messages): nothing will move them.
-    A run waiting for input is not stalled.
+    A run waiting for input is not stalled, nor one held behind another
+    (double-texting: release_orphans publishes it if its release was lost).
     """
     cutoff = now - timedelta(seconds=settings.RUN_STALL_AFTER)
     busy = Step.objects.filter(run=OuterRef("pk"), lease_until__gt=cutoff)
-    runs = Run.objects.filter(status__in=(RunStatus.QUEUED, RunStatus.RUNNING), deadline__gte=now)
+    runs = Run.objects.filter(
+        status__in=(RunStatus.QUEUED, RunStatus.RUNNING), deadline__gte=now, waiting_for__isnull=True
+    )
     runs = runs.alias(kicked=Coalesce("republished_at", "created_at")).filter(kicked__lt=cutoff)
     return runs.exclude(Exists(busy))
 

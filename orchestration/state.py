@@ -255,6 +255,8 @@ def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool =
             metrics.step_finished(step.skill, StepStatus.SUCCEEDED, step.started_at, now)
             if stored.run_succeeded:
                 metrics.run_finished(stored.workflow, RunStatus.SUCCEEDED)
+                if stored.conversation_id is not None:
+                    _run_ended(step.run_id)
             return True
     return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run, cached=cached)
 
@@ -465,8 +467,17 @@ def _end_run(
             _append_reply(conversation_id, run_id, output)
         if webhook_url:
             webhooks.schedule(run_id, seq)
+        if conversation_id is not None:
+            _run_ended(run_id)
         metrics.run_finished(workflow, status)
     return task_ids
+
+
+def _run_ended(run_id: int) -> None:
+    """A conversation's run ended: once committed, the run held behind it (if any) starts."""
+    from . import double_texting  # it imports this module
+
+    double_texting.release_on_commit(run_id)
 
 
 def _end_steps(run_id: int, status: str, error: str, running: str | None, now: datetime) -> list[str]:
@@ -509,6 +520,7 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
             deadline=deadline,
             replays=F("replays") + 1,
             republished_at=now,
+            waiting_for=None,  # a run that ended while held is published at once when replayed
         )
         if not replayed:
             return False
@@ -569,6 +581,38 @@ def resume_run(run_id: int) -> bool:
         if resumed:
             record(run_id, "run.resumed", lost_steps=[s.key for s in lost])
     return bool(resumed)
+
+
+def release_run(run_id: int, after: int) -> bool:
+    """Release a run held behind ``after``, which ended: it is to be published now.
+
+    Its deadline starts over (a run's time counts from when it may start),
+    and so does the sweeper's stall clock. False if it is no longer held
+    behind ``after`` (released meanwhile, or ended).
+    """
+    now = timezone.now()
+    with transaction.atomic(savepoint=False):
+        row = Run.objects.filter(pk=run_id).values_list("created_at", "deadline").first()
+        if row is None:
+            return False
+        created_at, deadline = row
+        released = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_for_id=after).update(
+            waiting_for=None, republished_at=now, deadline=now + (deadline - created_at)
+        )
+        if released:
+            record(run_id, "run.released", after=after)
+    return bool(released)
+
+
+def move_up(run_id: int, ended: int, ahead: int) -> bool:
+    """A run held behind ``ended`` (which ended before it started) waits for ``ahead`` instead."""
+    with transaction.atomic(savepoint=False):
+        moved = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED, waiting_for_id=ended).update(
+            waiting_for_id=ahead
+        )
+        if moved:
+            record(run_id, "run.enqueued", waiting_for=ahead, moved_up_from=ended)
+    return bool(moved)
 
 
 def mark_unpublished(run_id: int, error: str) -> None:

@@ -148,7 +148,7 @@ reply_ AS (
     INSERT INTO orchestration_message (conversation_id, role, content, run_id, created_at)
     SELECT conversation_id, 'assistant', %(reply)s, id, %(now)s FROM run_ WHERE active AND conversation_id IS NOT NULL
 )
-SELECT run_.last_event_seq, run_.active, w.name
+SELECT run_.last_event_seq, run_.active, w.name, run_.conversation_id
 FROM run_ LEFT JOIN orchestration_workflow AS w ON w.id = run_.workflow_id
 """
 
@@ -160,6 +160,7 @@ class Stored:
     seqs: tuple[int, ...]
     run_succeeded: bool = False
     workflow: str | None = None
+    conversation_id: int | None = None
 
 
 def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] | None:
@@ -216,9 +217,9 @@ def store(
     if not finishes_run:
         stored = Stored((int(row[0]),))
     else:
-        last_seq, run_succeeded, workflow = row
+        last_seq, run_succeeded, workflow, conversation_id = row
         seqs = (last_seq - 1, last_seq) if run_succeeded else (last_seq,)
-        stored = Stored(seqs, run_succeeded, workflow)
+        stored = Stored(seqs, run_succeeded, workflow, conversation_id)
     _announce(run_id, stored.seqs)
     return stored
 

@@ -16,14 +16,15 @@ log = logging.getLogger(__name__)
 
 @shared_task(name="agentsite.sweep", acks_late=True, soft_time_limit=120, time_limit=150)
 def sweep() -> dict[str, Any]:
-    """Fail runs past their deadline, time out waits, resume stalled runs, forget expired keys."""
+    """Fail overdue runs, time out waits, resume stalled runs, release lost held ones, forget expired keys."""
     report = services.sweep()
-    if report.expired or report.resumed or report.webhooks_resumed:
+    if report.expired or report.resumed or report.webhooks_resumed or report.released:
         log.warning(
-            "sweep: expired runs %s, resumed runs %s, resent webhooks %s",
+            "sweep: expired runs %s, resumed runs %s, resent webhooks %s, released held runs %s",
             report.expired,
             report.resumed,
             report.webhooks_resumed,
+            report.released,
         )
     if report.waits_timed_out:
         log.info("sweep: waits timed out in runs %s", report.waits_timed_out)

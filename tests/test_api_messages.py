@@ -36,7 +36,7 @@ def test_it_accepts_a_message_for_a_named_workflow(api, conversation):
 
     assert response.status_code == 202, response.content
     body = response.json()
-    assert set(body) == {"message", "run"}
+    assert set(body) == {"message", "run", "on_active"}
     assert (body["message"]["role"], body["message"]["content"]) == ("user", "hello")
     assert body["message"]["run"] == body["run"]["id"]
     assert body["run"]["status"] == "queued"

@@ -248,7 +248,7 @@ def test_the_schema_documents_the_errors_an_operation_answers(anon):
     paths = anon.get("/api/schema/", {"format": "json"}).json()["paths"]
     start_run = paths["/api/conversations/{id}/runs/"]["post"]
 
-    assert set(start_run["responses"]) == {"202", "400", "401", "403", "404", "413", "415", "422", "429"}
+    assert set(start_run["responses"]) == {"202", "400", "401", "403", "404", "409", "413", "415", "422", "429"}
     assert "Idempotency-Key" in [parameter["name"] for parameter in start_run["parameters"]]
     assert set(paths["/api/runs/"]["get"]["responses"]) == {
         "200",

@@ -55,7 +55,7 @@ def test_a_waiting_run_holds_no_worker_and_goes_on_with_the_payload(worker, user
     detail = api.get(f"/api/runs/{run.pk}/").data
     steps = {s.key: s for s in run.steps.all()}
     assert detail["status"] == "waiting"
-    assert detail["waiting_for"] == {"step": "ask", "prompt": APPROVE, "timeout_at": run.deadline.isoformat()}
+    assert detail["awaiting_input"] == {"step": "ask", "prompt": APPROVE, "timeout_at": run.deadline.isoformat()}
     assert {k: s.status for k, s in steps.items()} == {"a": "succeeded", "ask": "running", "c": "pending"}
     wait_until(lambda: not {str(s.task_id) for s in steps.values()} & tasks_on_worker(worker))
     page = Client()
@@ -75,7 +75,7 @@ def test_a_waiting_run_holds_no_worker_and_goes_on_with_the_payload(worker, user
     types = [t for t, _ in events_of(run)]
     assert types.index("run.waiting") < types.index("run.resumed") < types.index("run.succeeded")
     assert ("run.resumed", {"step": "ask", "by": user.username}) in events_of(run)
-    assert api.get(f"/api/runs/{run.pk}/").data["waiting_for"] is None
+    assert api.get(f"/api/runs/{run.pk}/").data["awaiting_input"] is None
 
 
 @pytest.mark.worker

@@ -124,6 +124,16 @@ def test_staff_see_every_users_pages(client, staff_user, conversation, run):
     assert client.get(reverse("pages:run-detail", args=[run.pk])).status_code == 200
 
 
+def test_a_held_runs_page_names_the_run_it_waits_for(client, user, conversation, run):
+    held = make_run(user, conversation, status="queued", waiting_for=run)
+    client.force_login(user)
+
+    html = client.get(reverse("pages:run-detail", args=[held.pk])).content.decode()
+
+    assert "Waiting for" in html
+    assert reverse("pages:run-detail", args=[run.pk]) in html
+
+
 @pytest.mark.parametrize("status", ["queued", "running", "waiting"])
 def test_the_run_page_follows_the_runs_events_while_it_is_active(client, user, status):
     run = make_run(user, status=status)

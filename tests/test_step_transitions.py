@@ -16,7 +16,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import state
+from orchestration import services, state
 from orchestration.models import Message, Run, RunEvent, RunStatus, Step, StepStatus, WebhookDelivery
 
 from .factories import RunFactory, StepFactory
@@ -149,6 +149,26 @@ def test_storing_the_last_steps_output_ends_the_run_with_its_reply():
     assert (pending.status, pending.error) == (StepStatus.CANCELLED, "not run: the run succeeded")
     assert [(seq, type) for seq, type, *_ in events_of(run)][-2:] == [(5, "step.succeeded"), (6, "run.succeeded")]
     assert list(Message.objects.filter(run=run).values_list("role", "content")) == [("assistant", "hello")]
+
+
+def test_storing_the_last_steps_output_releases_the_run_held_behind_the_run(
+    monkeypatch, django_capture_on_commit_callbacks
+):
+    run, first, _ = chain_of_two()
+    held = RunFactory.create(owner=run.owner, conversation=run.conversation, waiting_for=run)
+    published: list[int] = []
+    monkeypatch.setattr(services, "publish", lambda to_publish: published.append(to_publish.pk))
+    state.claim_step(first.pk, "d1")
+    ref = state.StepRef.load(first.pk)
+
+    with django_capture_on_commit_callbacks(execute=True), one_statement_on_postgresql():
+        assert state.succeed_step(ref, "out", "d1", finishes_run=True)
+
+    held.refresh_from_db()
+    assert held.waiting_for_id is None
+    assert held.republished_at is not None
+    assert events_of(held)[-1][1:] == ("run.released", None, {"after": run.pk})
+    assert published == [held.pk]
 
 
 def test_the_last_step_of_a_run_that_ended_meanwhile_is_stored_but_leaves_the_run_as_it_is():

@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from orchestration import outbound
-from orchestration.models import Conversation, Message, Run, RunStatus, Step, StepStatus, Workflow
+from orchestration.models import Conversation, Message, OnActive, Run, RunStatus, Step, StepStatus, Workflow
 from orchestration.services import find_workflow, workflows_of
 from orchestration.spec import SpecError, plan
 
@@ -148,6 +148,7 @@ class WorkflowSerializer(serializers.ModelSerializer):
             "spec",
             "deadline",
             "webhook_url",
+            "on_active",
             "shared",
             "owner",
             "created_at",
@@ -233,11 +234,12 @@ class RunSerializer(serializers.ModelSerializer):
             "replays",
             "webhook_url",
             "trace_id",
+            "waiting_for",
         ]
-        read_only_fields = ["trace_id"]
+        read_only_fields = ["trace_id", "waiting_for"]
 
 
-class WaitingForSerializer(serializers.Serializer):
+class AwaitingInputSerializer(serializers.Serializer):
     step = serializers.CharField(help_text="The key of the step that waits.")
     prompt = serializers.CharField()
     timeout_at = serializers.DateTimeField(help_text="When the wait times out (at the latest the run's deadline).")
@@ -246,13 +248,13 @@ class WaitingForSerializer(serializers.Serializer):
 
 class RunDetailSerializer(RunSerializer):
     steps = StepSerializer(many=True, read_only=True)
-    waiting_for = serializers.SerializerMethodField()
+    awaiting_input = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "waiting_for", "spec", "steps"]
+        fields = [*RunSerializer.Meta.fields, "awaiting_input", "spec", "steps"]
 
-    @extend_schema_field(WaitingForSerializer(allow_null=True))
-    def get_waiting_for(self, run: Run) -> dict[str, Any] | None:
+    @extend_schema_field(AwaitingInputSerializer(allow_null=True))
+    def get_awaiting_input(self, run: Run) -> dict[str, Any] | None:
         """What the run waits for (its first waiting step), null unless it is waiting."""
         if run.status != RunStatus.WAITING:
             return None
@@ -280,6 +282,12 @@ class WorkflowChoiceMixin(serializers.Serializer):
     spec = SpecField(required=False)
     deadline = deadline_field(required=False)
     webhook = webhook_field(required=False, help_text="POST a CloudEvent here when the run ends.")
+    on_active = serializers.ChoiceField(
+        choices=OnActive.choices,
+        required=False,
+        help_text="If the conversation has an active run: reject (409), enqueue (start after it), interrupt "
+        "(cancel it, start now) or allow (start now beside it). Default: the workflow's, else enqueue.",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "workflow" in attrs and "spec" in attrs:
@@ -301,9 +309,31 @@ class StartRunSerializer(WorkflowChoiceMixin):
     input = InputField(required=False, default=None, allow_null=True)
 
 
+class AdmissionSerializer(serializers.Serializer):
+    """What the double-texting policy did with the new run (orchestration.double_texting)."""
+
+    policy = serializers.ChoiceField(choices=OnActive.choices)
+    outcome = serializers.ChoiceField(choices=["started", "enqueued", "interrupted"])
+    waiting_for = serializers.IntegerField(allow_null=True, help_text="enqueued: the run it starts after.")
+    interrupted = serializers.ListField(child=serializers.IntegerField(), help_text="The runs it cancelled.")
+
+
 class MessageAcceptedSerializer(serializers.Serializer):
     message = MessageSerializer()
     run = RunSerializer()
+    on_active = AdmissionSerializer()
+
+
+class RunAcceptedSerializer(RunSerializer):
+    on_active = AdmissionSerializer(read_only=True)
+
+    class Meta(RunSerializer.Meta):
+        fields = [*RunSerializer.Meta.fields, "on_active"]
+
+
+class ActiveRunConflictSerializer(serializers.Serializer):
+    detail = serializers.CharField(help_text="What is wrong.")
+    active_run = serializers.IntegerField(help_text="The conversation's active run.")
 
 
 class ErrorSerializer(serializers.Serializer):

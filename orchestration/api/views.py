@@ -28,7 +28,7 @@ from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 from rest_framework.throttling import BaseThrottle
 
-from orchestration import services
+from orchestration import double_texting, services
 from orchestration.events import EventStream, NoStreamSlot
 from orchestration.models import Conversation, MessageRole, Run, Workflow
 from skills import breakers
@@ -37,12 +37,14 @@ from skills.registry import registry
 from .schema import field_errors
 from .serializers import (
     WORKFLOW_NAME_TAKEN,
+    ActiveRunConflictSerializer,
     ConversationSerializer,
     ErrorSerializer,
     MessageAcceptedSerializer,
     MessageSerializer,
     PostMessageSerializer,
     ResumeSerializer,
+    RunAcceptedSerializer,
     RunDetailSerializer,
     RunSerializer,
     SkillSerializer,
@@ -204,7 +206,7 @@ class ConversationViewSet(
         methods=["POST"],
         request=PostMessageSerializer,
         parameters=[IDEMPOTENCY_PARAMETER],
-        responses={202: MessageAcceptedSerializer, 422: KEY_REUSED},
+        responses={202: MessageAcceptedSerializer, 409: ActiveRunConflictSerializer, 422: KEY_REUSED},
     )
     @action(detail=True, methods=["get", "post"])
     def messages(self, request: Request, pk: str | None = None) -> Response:
@@ -213,44 +215,61 @@ class ConversationViewSet(
             page = self.paginate_queryset(conversation.messages.all())
             return self.get_paginated_response(MessageSerializer(page, many=True).data)
         data = self._validated(PostMessageSerializer, request, conversation)
+        admitted = Admitted(data)
 
         def post() -> Run:
-            message = services.post_message(
+            message, admitted.admission = services.post_message(
                 conversation=conversation,
                 content=data["content"],
                 spec=data["spec"],
                 workflow=data["workflow"],
+                on_active=admitted.policy,
                 deadline=data.get("deadline"),
                 webhook_url=data.get("webhook", ""),
             )
             return cast(Run, message.run)
 
-        outcome = _once_per_key(request, post)
+        try:
+            outcome = _once_per_key(request, post)
+        except double_texting.Busy as exc:
+            return _active_run_conflict(exc)
         message = outcome.run.messages.get(role=MessageRole.USER)
-        body = {"message": MessageSerializer(message).data, "run": RunSerializer(outcome.run).data}
+        body = {
+            "message": MessageSerializer(message).data,
+            "run": RunSerializer(outcome.run).data,
+            "on_active": admitted.of(outcome.run).as_dict(),
+        }
         return _accepted(body, outcome)
 
     @extend_schema(
-        request=StartRunSerializer, parameters=[IDEMPOTENCY_PARAMETER], responses={202: RunSerializer, 422: KEY_REUSED}
+        request=StartRunSerializer,
+        parameters=[IDEMPOTENCY_PARAMETER],
+        responses={202: RunAcceptedSerializer, 409: ActiveRunConflictSerializer, 422: KEY_REUSED},
     )
     @action(detail=True, methods=["post"])
     def runs(self, request: Request, pk: str | None = None) -> Response:
         conversation = self.get_object()
         data = self._validated(StartRunSerializer, request, conversation)
+        admitted = Admitted(data)
 
         def start() -> Run:
-            return services.start_run(
-                owner=conversation.owner,
+            run, admitted.admission = services.start_conversation_run(
+                conversation=conversation,
+                on_active=admitted.policy,
                 spec=data["spec"],
                 input=data["input"],
-                conversation=conversation,
                 workflow=data["workflow"],
                 deadline=data.get("deadline"),
                 webhook_url=data.get("webhook", ""),
             )
+            return run
 
-        outcome = _once_per_key(request, start)
-        return _accepted(RunSerializer(outcome.run).data, outcome)
+        try:
+            outcome = _once_per_key(request, start)
+        except double_texting.Busy as exc:
+            return _active_run_conflict(exc)
+        body = RunSerializer(outcome.run).data | {"on_active": admitted.of(outcome.run).as_dict()}
+        return _accepted(body, outcome)
 
     def _validated(self, serializer_class: type, request: Request, conversation: Conversation) -> dict[str, Any]:
         """Validate the body; resolve the workflow (or the default) to a spec.
@@ -271,6 +290,22 @@ class ConversationViewSet(
             data["spec"] = workflow.spec
         data["workflow"] = workflow
         return data
+
+
+class Admitted:
+    """The request's double-texting policy, and what it did (set by the request's run creation)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.policy = double_texting.policy_for(data.get("on_active"), data["workflow"])
+        self.admission: double_texting.Admission | None = None
+
+    def of(self, run: Run) -> double_texting.Admission:
+        """This request's admission; for an idempotent repeat, the first request's (from the run's events)."""
+        return self.admission or double_texting.admission_of(run, self.policy)
+
+
+def _active_run_conflict(exc: double_texting.Busy) -> Response:
+    return Response({"detail": str(exc), "active_run": exc.run_id}, status=status.HTTP_409_CONFLICT)
 
 
 def _once_per_key(request: Request, create: Callable[[], Run]) -> services.Idempotent:

@@ -56,8 +56,9 @@ class Api:
         return int(reply.body["id"])
 
     def start_run(self, conversation: int, spec: dict[str, Any], input: Any = None) -> Reply:
-        """POST a run; a 202's body is the run (with its ``id``)."""
-        return self.post(f"/api/conversations/{conversation}/runs/", {"spec": spec, "input": input})
+        """POST a run, started at once even beside the conversation's other runs; a 202's body is the run."""
+        body = {"spec": spec, "input": input, "on_active": "allow"}
+        return self.post(f"/api/conversations/{conversation}/runs/", body)
 
 
 def _decode(raw: bytes) -> Any:
