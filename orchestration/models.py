@@ -108,6 +108,15 @@ class RunStatus(models.TextChoices):
 ACTIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 
 
+class Compensation(models.TextChoices):
+    """How a failed run's rollback (saga compensation, orchestration/saga.py) went; blank: none."""
+
+    NONE = "", "none"
+    RUNNING = "running"  # its compensation steps are under way, one at a time
+    DONE = "done"  # every compensation succeeded: its compensable steps are compensated
+    FAILED = "failed"  # at least one compensation failed (the others still ran)
+
+
 def default_deadline() -> datetime:
     return timezone.now() + timedelta(seconds=settings.RUN_DEFAULT_DEADLINE)
 
@@ -148,6 +157,13 @@ class Run(models.Model):
     )
     # No index: the admin's search ORs it with a substring search of the error,
     # a scan anyway, and the API does not filter by it.
+    compensation = models.CharField(
+        max_length=8,
+        choices=Compensation.choices,
+        blank=True,
+        default=Compensation.NONE,
+        help_text="Its rollback after it failed: running, done or failed; blank when it had nothing to compensate.",
+    )
     trace_id = models.CharField(
         max_length=32,
         blank=True,
@@ -238,6 +254,16 @@ class Step(models.Model):
         blank=True,
         help_text="What its skill asked to wait for (prompt, timeout_at, default): the step waits while it is "
         "running with this set, and succeeds with the payload it is resumed with (orchestration/waiting.py).",
+    )
+    # No index: read with its run's steps only.
+    compensates = models.ForeignKey(
+        "self",
+        models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
+        help_text="A compensation step: the step of its run whose effect it undoes (orchestration/saga.py).",
     )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

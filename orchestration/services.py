@@ -28,6 +28,7 @@ from skills.budget import Deadline
 from . import canvas, double_texting, metrics, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
+    Compensation,
     Conversation,
     IdempotencyKey,
     Message,
@@ -271,6 +272,8 @@ def replay_run(run: Run) -> None:
     """
     if run.status not in state.REPLAYABLE_RUN_STATUSES:
         raise Conflict(f"run {run.pk} is {run.status}; only a failed or cancelled run can be retried")
+    if run.compensation == Compensation.RUNNING:
+        raise Conflict(f"run {run.pk} is being rolled back (compensation running); retry it once that ended")
     try:
         plan(run.spec)
     except SpecError as exc:

@@ -27,6 +27,7 @@ from django.utils import timezone
 from . import events, metrics, state_pg, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
+    Compensation,
     Message,
     MessageRole,
     Run,
@@ -66,14 +67,16 @@ class StepRef:
     run_id: int
     skill: str
     started_at: datetime | None
+    compensates: int | None = None  # a compensation step (orchestration/saga.py): the step it undoes
 
     @classmethod
     def of(cls, step: Step) -> StepRef:
-        return cls(step.pk, step.run_id, step.skill, step.started_at)
+        return cls(step.pk, step.run_id, step.skill, step.started_at, step.compensates_id)
 
     @classmethod
     def load(cls, step_id: int) -> StepRef:
-        return cls(step_id, *Step.objects.values_list("run_id", "skill", "started_at").get(pk=step_id))
+        fields = ("run_id", "skill", "started_at", "compensates_id")
+        return cls(step_id, *Step.objects.values_list(*fields).get(pk=step_id))
 
 
 def record(run_id: int, type: str, step_id: int | None = None, error: str = "", **data: Any) -> int:
@@ -145,7 +148,9 @@ def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
     whose holder was cleared (a replay, or the sweeper resuming a stalled
     run) is taken over by the first message that asks. Any other message is
     a duplicate and changes nothing, so a step runs once at a time and its
-    successor is not run twice.
+    successor is not run twice. A compensation step (orchestration/saga.py)
+    runs although its run ended: that is when it runs (the ORM path; the
+    PostgreSQL statement claims steps of active runs only).
     """
     if connection.vendor == "postgresql":  # the common case in one statement
         claimed = state_pg.claim(step_id, delivery, timezone.now())
@@ -155,7 +160,7 @@ def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
         step = Step.objects.select_related("run", "run__conversation").get(pk=step_id)
         if step.status in FINISHED_STEP_STATUSES:
             outcome = _take_over(step, delivery)
-        elif step.run.status not in ACTIVE_RUN_STATUSES:
+        elif step.run.status not in ACTIVE_RUN_STATUSES and step.compensates_id is None:
             outcome = ClaimOutcome.RUN_ENDED
         elif step.status == StepStatus.RUNNING and step.wait is not None:
             outcome = ClaimOutcome.WAITING
@@ -247,8 +252,9 @@ def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool =
     With ``finishes_run`` (the spec's last step) the run succeeds with that
     output in the same transaction. ``cached``: the output came from the
     skill result cache (Step.cached, and ``{"cached": true}`` in the event).
+    A compensation step's end moves its run's rollback on (orchestration/saga.py).
     """
-    if connection.vendor == "postgresql":  # in one statement, unless the run has a webhook
+    if connection.vendor == "postgresql" and step.compensates is None:  # in one statement, unless a webhook
         now = timezone.now()
         stored = state_pg.store(step.id, step.run_id, output, delivery, now, finishes_run, cached)
         if stored is not None:
@@ -364,13 +370,14 @@ def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id
     steps = Step.objects.filter(pk=step_id)
     if task_id is not None:
         steps = steps.filter(task_id=task_id)
-    row = steps.values_list("run_id", "key", "skill", "started_at").first()
+    row = steps.values_list("run_id", "key", "skill", "started_at", "compensates_id").first()
     if row is None:
         return False
-    run_id, key, skill, started_at = row
+    run_id, key, skill, started_at, compensates = row
+    ref = StepRef(step_id, run_id, skill, started_at, compensates)
     with transaction.atomic(savepoint=False):
         # The task id is checked again as the step changes: a replay may give it a new one in between.
-        changed = _finish_step(StepRef(step_id, run_id, skill, started_at), status, error=error, task_id=task_id)
+        changed = _finish_step(ref, status, error=error, task_id=task_id)
         if changed:
             fail_run(run_id, f"step {key} {status.replace('_', ' ')}: {error}")
     return changed
@@ -402,11 +409,18 @@ def _finish_step(
             metrics.step_finished(step.skill, status, step.started_at, now)
             if finishes_run:
                 succeed_run(step.run_id, output)
+            if step.compensates is not None:
+                from . import saga  # it imports this module
+
+                saga.step_ended(step, status, error)
     return bool(changed)
 
 
 def fail_run(run_id: int, error: str) -> bool:
-    """End an active run as failed; steps that never started are cancelled."""
+    """End an active run as failed; steps that never started are cancelled.
+
+    Its compensable steps that succeeded are compensated (orchestration/saga.py).
+    """
     return _end_run(run_id, RunStatus.FAILED, error=error) is not None
 
 
@@ -463,6 +477,10 @@ def _end_run(
         ).get(pk=run_id)
         task_ids = _end_steps(run_id, status, error, running, now)
         seq = record(run_id, f"run.{status}", error=error)
+        if status == RunStatus.FAILED:
+            from . import saga  # it imports this module
+
+            saga.plan(run_id, now)
         if status == RunStatus.SUCCEEDED and conversation_id is not None:
             _append_reply(conversation_id, run_id, output)
         if webhook_url:
@@ -507,11 +525,14 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
     Steps that succeeded (or were skipped) keep their output and are passed on
     by the first message that asks; every other step is pending again with a
     fresh task id (its old one may be revoked, or have a failed result that a
-    chord would count). False if the run is not failed or cancelled.
+    chord would count); compensated steps run again, compensation steps are
+    kept as a record. False if the run is not failed or cancelled, or is
+    still being rolled back (orchestration/saga.py).
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
-        replayed = Run.objects.filter(pk=run_id, status__in=REPLAYABLE_RUN_STATUSES).update(
+        replayable = Run.objects.filter(pk=run_id, status__in=REPLAYABLE_RUN_STATUSES)
+        replayed = replayable.exclude(compensation=Compensation.RUNNING).update(
             status=RunStatus.QUEUED,
             output=None,
             error="",
@@ -521,12 +542,14 @@ def replay_run(run_id: int, deadline: datetime) -> bool:
             replays=F("replays") + 1,
             republished_at=now,
             waiting_for=None,  # a run that ended while held is published at once when replayed
+            compensation=Compensation.NONE,
         )
         if not replayed:
             return False
         metrics.run_started(Run.objects.values_list("workflow__name", flat=True).get(pk=run_id))
         kept = Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
-        redo = list(Step.objects.filter(run_id=run_id).exclude(status__in=FINISHED_STEP_STATUSES))
+        spec_steps = Step.objects.filter(run_id=run_id, compensates__isnull=True)
+        redo = list(spec_steps.exclude(status__in=FINISHED_STEP_STATUSES))
         for step in redo:
             step.status, step.output, step.error, step.delivery, step.wait = StepStatus.PENDING, None, "", "", None
             step.attempts = step.redeliveries = 0

@@ -8,7 +8,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from .breakers import Breaker
-from .models import Effect
+from .models import Effect, Reservation
 from .registry import NO_DEFAULT, SkillContext, SkillError, skill
 
 
@@ -132,3 +132,33 @@ def fragile(ctx: SkillContext, input: Any) -> Any:
     if ctx.args.get("fail"):
         raise SkillError("fragile: failing on purpose")
     return input
+
+
+@skill(
+    description="Saga diagnostics: holds one skills.Reservation row keyed by the step's idempotency key "
+    '(kept if it exists) and returns {"reservation": key}. Compensated by release when its run fails.',
+    soft_time_limit=5,
+    time_limit=10,
+    compensate="release",
+)
+def reserve(ctx: SkillContext, input: Any) -> Any:
+    Reservation.objects.get_or_create(key=ctx.idempotency_key, defaults={"run_id": ctx.run_id})
+    return {"reservation": ctx.idempotency_key}
+
+
+@skill(
+    description="Saga diagnostics, reserve's compensation: deletes the reservation named by its input's "
+    'reservation (idempotent: none left is fine) and returns {"released": key}. With '
+    "args.fail_release it raises instead (a compensation step has its compensated step's args: "
+    "set it on the reserve step).",
+    soft_time_limit=5,
+    time_limit=10,
+)
+def release(ctx: SkillContext, input: Any) -> Any:
+    key = input.get("reservation") if isinstance(input, dict) else None
+    if not isinstance(key, str):
+        raise SkillError(f'release: the input must be {{"reservation": key}}, not {input!r}')
+    if ctx.args.get("fail_release"):
+        raise SkillError(f"release: failing on purpose (args.fail_release), {key} kept")
+    Reservation.objects.filter(key=key).delete()
+    return {"released": key}

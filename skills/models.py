@@ -19,3 +19,14 @@ class Effect(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class Reservation(models.Model):
+    """What the ``reserve`` diagnostics skill holds until ``release`` (its compensation) deletes it."""
+
+    key = models.CharField(max_length=200, unique=True, help_text="The reserving step's idempotency key.")
+    run_id = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.key

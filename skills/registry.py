@@ -120,6 +120,8 @@ class Skill:
     cache_ttl: float | None = None
     breaker: Breaker | None = None
     fallback: Any = None  # the output of a skipped (optional) step of this skill
+    # The skill that undoes a successful step of this one when its run fails (saga); None: nothing to undo.
+    compensate: str | None = None
 
     def check(self) -> None:
         """Refuse a declaration whose limits contradict each other."""
@@ -135,6 +137,8 @@ class Skill:
             raise ImproperlyConfigured(f"skill {self.name}: retries and backoff must not be negative")
         if self.cache_ttl is not None and not self.cache_ttl > 0:
             raise ImproperlyConfigured(f"skill {self.name}: cache_ttl must be a positive number of seconds (or None)")
+        if self.compensate is not None and (not isinstance(self.compensate, str) or self.compensate == self.name):
+            raise ImproperlyConfigured(f"skill {self.name}: compensate must name another skill")
         if self.breaker is not None and (problem := self.breaker.check(self.name)):
             raise ImproperlyConfigured(problem)
         try:
@@ -159,6 +163,28 @@ class Registry:
     def __iter__(self) -> Iterator[Skill]:
         return iter(sorted(self._skills.values(), key=lambda s: s.name))
 
+    def compensation_of(self, skill_name: str) -> Skill | None:
+        """The skill that compensates a step of ``skill_name``; None if it declares none (or is unknown).
+
+        Raises ImproperlyConfigured naming both when the declared compensating
+        skill is not registered (it may be registered after the skill that names
+        it, so this is checked on use, and by ``check_compensations``).
+        """
+        declared = self._skills.get(skill_name)
+        if declared is None or declared.compensate is None:
+            return None
+        compensating = self._skills.get(declared.compensate)
+        if compensating is None:
+            raise ImproperlyConfigured(
+                f'skill {skill_name}: its compensating skill "{declared.compensate}" is not registered'
+            )
+        return compensating
+
+    def check_compensations(self) -> None:
+        """Every declared compensating skill is registered (else ImproperlyConfigured)."""
+        for name in self._skills:
+            self.compensation_of(name)
+
     def queues(self) -> list[str]:
         return sorted({s.queue for s in self._skills.values()})
 
@@ -182,6 +208,7 @@ def skill(
     cache_ttl: float | None = None,
     breaker: Breaker | None = None,
     fallback: Any = None,
+    compensate: str | None = None,
 ) -> Callable[[SkillFunc], SkillFunc]:
     """Register a function as a skill. Maxima default to the defaults.
 
@@ -191,6 +218,9 @@ def skill(
     ``breaker``: a circuit breaker shared by all workers (``skills.breakers``);
     none by default. ``fallback``: the output of a step of this skill that is
     skipped (an optional step that failed, or whose circuit is open); null by default.
+    ``compensate``: the name of the skill that undoes a successful step of this
+    one when its run fails (orchestration/saga.py); it is called with that
+    step's output as its input, and may be registered after this one.
     """
 
     def register(func: SkillFunc) -> SkillFunc:
@@ -211,6 +241,7 @@ def skill(
                 cache_ttl=cache_ttl,
                 breaker=breaker,
                 fallback=fallback,
+                compensate=compensate,
             )
         )
         return func

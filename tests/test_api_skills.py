@@ -23,6 +23,7 @@ FIELDS = {
     "optional",
     "cache_ttl",
     "fallback",
+    "compensate",
     "breaker",
 }
 

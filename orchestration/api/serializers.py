@@ -93,6 +93,9 @@ class SkillSerializer(serializers.Serializer):
     )
     fallback = serializers.JSONField(help_text="The output of a skipped (optional) step of this skill.")
     breaker = serializers.SerializerMethodField(help_text="Its circuit breaker, shared by all workers; null: none.")
+    compensate = serializers.CharField(
+        allow_null=True, help_text="The skill that undoes its step when the run fails (saga); null: none."
+    )
 
     @extend_schema_field(BreakerSerializer(allow_null=True))
     def get_breaker(self, skill: Any) -> dict[str, Any] | None:
@@ -207,6 +210,7 @@ class StepSerializer(serializers.ModelSerializer):
             "task_id",
             "cached",
             "wait",
+            "compensates",
             "started_at",
             "finished_at",
             "duration_ms",
@@ -251,7 +255,7 @@ class RunDetailSerializer(RunSerializer):
     awaiting_input = serializers.SerializerMethodField()
 
     class Meta(RunSerializer.Meta):
-        fields = [*RunSerializer.Meta.fields, "awaiting_input", "spec", "steps"]
+        fields = [*RunSerializer.Meta.fields, "awaiting_input", "compensation", "spec", "steps"]
 
     @extend_schema_field(AwaitingInputSerializer(allow_null=True))
     def get_awaiting_input(self, run: Run) -> dict[str, Any] | None:
