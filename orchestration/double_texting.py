@@ -113,7 +113,7 @@ def apply(run: Run, admission: Admission) -> None:
     from .services import revoke  # services imports this module
 
     if admission.waiting_for is not None:
-        state.record(run.pk, "run.enqueued", waiting_for=admission.waiting_for)
+        state.hold_behind(run.pk, admission.waiting_for)
     if admission.interrupted:
         state.record(run.pk, "run.interrupting", cancelled=admission.interrupted)
     for run_id in admission.interrupted:

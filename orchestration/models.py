@@ -155,6 +155,10 @@ class Run(models.Model):
         related_name="+",
         help_text="Held: the run it starts after (its conversation's run before it); empty once released.",
     )
+    followed = models.BooleanField(
+        default=False,
+        help_text="A run was held behind it (double-texting): its end releases that run.",
+    )
     # No index: the admin's search ORs it with a substring search of the error,
     # a scan anyway, and the API does not filter by it.
     compensation = models.CharField(

@@ -261,7 +261,7 @@ def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool =
             metrics.step_finished(step.skill, StepStatus.SUCCEEDED, step.started_at, now)
             if stored.run_succeeded:
                 metrics.run_finished(stored.workflow, RunStatus.SUCCEEDED)
-                if stored.conversation_id is not None:
+                if stored.followed:
                     _run_ended(step.run_id)
             return True
     return _finish_step(step, StepStatus.SUCCEEDED, output, delivery=delivery, finishes_run=finishes_run, cached=cached)
@@ -471,9 +471,10 @@ def _end_run(
         )
         if not ended:
             return None
-        # The metrics' label, where the reply goes, and whether a webhook waits: one query whatever the outcome.
-        workflow, conversation_id, webhook_url = Run.objects.values_list(
-            "workflow__name", "conversation_id", "webhook_url"
+        # The metrics' label, where the reply goes, whether a webhook waits and
+        # a run is held behind it: one query whatever the outcome.
+        workflow, conversation_id, webhook_url, followed = Run.objects.values_list(
+            "workflow__name", "conversation_id", "webhook_url", "followed"
         ).get(pk=run_id)
         task_ids = _end_steps(run_id, status, error, running, now)
         seq = record(run_id, f"run.{status}", error=error)
@@ -485,14 +486,14 @@ def _end_run(
             _append_reply(conversation_id, run_id, output)
         if webhook_url:
             webhooks.schedule(run_id, seq)
-        if conversation_id is not None:
+        if followed:
             _run_ended(run_id)
         metrics.run_finished(workflow, status)
     return task_ids
 
 
 def _run_ended(run_id: int) -> None:
-    """A conversation's run ended: once committed, the run held behind it (if any) starts."""
+    """A run that a run was held behind ended: once committed, the held run starts."""
     from . import double_texting  # it imports this module
 
     double_texting.release_on_commit(run_id)
@@ -627,6 +628,17 @@ def release_run(run_id: int, after: int) -> bool:
     return bool(released)
 
 
+def hold_behind(run_id: int, ahead: int) -> None:
+    """The new run ``run_id`` is held behind ``ahead`` (double-texting): ``ahead``'s end is to release it.
+
+    ``Run.followed`` tells that end so without a query: on PostgreSQL the
+    statement that ends ``ahead`` waits for this transaction (the admission
+    locked ``ahead``'s row) and then reads the flag from the row it updates.
+    """
+    Run.objects.filter(pk=ahead).update(followed=True)
+    record(run_id, "run.enqueued", waiting_for=ahead)
+
+
 def move_up(run_id: int, ended: int, ahead: int) -> bool:
     """A run held behind ``ended`` (which ended before it started) waits for ``ahead`` instead."""
     with transaction.atomic(savepoint=False):
@@ -634,6 +646,7 @@ def move_up(run_id: int, ended: int, ahead: int) -> bool:
             waiting_for_id=ahead
         )
         if moved:
+            Run.objects.filter(pk=ahead).update(followed=True)
             record(run_id, "run.enqueued", waiting_for=ahead, moved_up_from=ended)
     return bool(moved)
 

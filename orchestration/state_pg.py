@@ -129,7 +129,7 @@ run_ AS (
         WHERE id = (SELECT run_id FROM step_) FOR UPDATE
     ) AS old
     WHERE r.id = old.id
-    RETURNING r.id, r.conversation_id, r.workflow_id, r.last_event_seq, old.active
+    RETURNING r.id, r.conversation_id, r.workflow_id, r.last_event_seq, old.active, r.followed
 ),
 cancelled_ AS (
     UPDATE orchestration_step SET status = 'cancelled', error = 'not run: the run succeeded',
@@ -148,7 +148,7 @@ reply_ AS (
     INSERT INTO orchestration_message (conversation_id, role, content, run_id, created_at)
     SELECT conversation_id, 'assistant', %(reply)s, id, %(now)s FROM run_ WHERE active AND conversation_id IS NOT NULL
 )
-SELECT run_.last_event_seq, run_.active, w.name, run_.conversation_id
+SELECT run_.last_event_seq, run_.active, w.name, run_.followed
 FROM run_ LEFT JOIN orchestration_workflow AS w ON w.id = run_.workflow_id
 """
 
@@ -160,7 +160,7 @@ class Stored:
     seqs: tuple[int, ...]
     run_succeeded: bool = False
     workflow: str | None = None
-    conversation_id: int | None = None
+    followed: bool = False  # a run is held behind it (double-texting): its end releases that run
 
 
 def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] | None:
@@ -217,9 +217,9 @@ def store(
     if not finishes_run:
         stored = Stored((int(row[0]),))
     else:
-        last_seq, run_succeeded, workflow, conversation_id = row
+        last_seq, run_succeeded, workflow, followed = row
         seqs = (last_seq - 1, last_seq) if run_succeeded else (last_seq,)
-        stored = Stored(seqs, run_succeeded, workflow, conversation_id)
+        stored = Stored(seqs, run_succeeded, workflow, followed)
     _announce(run_id, stored.seqs)
     return stored
 
