@@ -347,8 +347,16 @@ def resume_waiting(
         if row is None:
             return None
         step_id, key, path, skill, started_at = row
+        # A fresh task id, as a replay gives: the task that asked to wait ended
+        # halted, and a chord it belongs to would count that stored failure
+        # against the canvas published now.
         Step.objects.filter(pk=step_id).update(
-            status=StepStatus.SUCCEEDED, output=payload, error="", finished_at=now, lease_until=now
+            status=StepStatus.SUCCEEDED,
+            output=payload,
+            error="",
+            finished_at=now,
+            lease_until=now,
+            task_id=uuid.uuid4(),
         )
         Step.objects.filter(run_id=run_id, status__in=FINISHED_STEP_STATUSES).update(delivery="")
         if not waiting.exists():

@@ -96,12 +96,17 @@ def test_a_waiting_step_in_a_group_joins_its_chord_once_resumed(worker, user, ap
     run = start_run(owner=user, spec={"chain": [{"group": [ask(), effect("b")]}, effect("c")]}, input="in")
     run = waiting(run)
     wait_until(lambda: run.steps.filter(key="b", status="succeeded").exists())
+    halted_task = run.steps.get(key="ask").task_id
 
     response = api.post(f"/api/runs/{run.pk}/resume/", {"payload": "yes"}, format="json")
 
     assert response.status_code == 202, response.data
     run = wait_for_run(run)
     assert (run.status, run.output) == ("succeeded", ["yes", "in"])
+    # The halted task's stored failure must not count in the chord published on
+    # resume: the answered step runs on as a new task (else, when b reported
+    # first, the chord saw that failure and never ran its body).
+    assert run.steps.get(key="ask").task_id != halted_task
     assert (effect_rows(run, "b"), effect_rows(run, "c")) == (1, 1)
 
 
