@@ -142,12 +142,8 @@ def release_after(ended_id: int) -> int | None:
     """
     from .services import publish  # services imports this module
 
+    # Called only for a run something was held behind (Run.followed) or an orphan's predecessor.
     follower = Run.objects.filter(waiting_for_id=ended_id, status=RunStatus.QUEUED).values_list("pk", flat=True)
-    # Most runs have none: one read, without a transaction (on SQLite, without
-    # the write lock). A follower admitted while the run ended is seen: its
-    # admission locked the run, so the end committed after it.
-    if not follower.exists():
-        return None
     with transaction.atomic():
         follower_id = follower.first()
         if follower_id is None:

@@ -643,8 +643,12 @@ def hold_behind(run_id: int, ahead: int) -> None:
     statement that ends ``ahead`` waits for this transaction (the admission
     locked ``ahead``'s row) and then reads the flag from the row it updates.
     """
-    Run.objects.filter(pk=ahead).update(followed=True)
+    _followed(ahead)
     record(run_id, "run.enqueued", waiting_for=ahead)
+
+
+def _followed(run_id: int) -> None:
+    Run.objects.filter(pk=run_id).update(followed=True)
 
 
 def move_up(run_id: int, ended: int, ahead: int) -> bool:
@@ -654,7 +658,7 @@ def move_up(run_id: int, ended: int, ahead: int) -> bool:
             waiting_for_id=ahead
         )
         if moved:
-            Run.objects.filter(pk=ahead).update(followed=True)
+            _followed(ahead)
             record(run_id, "run.enqueued", waiting_for=ahead, moved_up_from=ended)
     return bool(moved)
 
