@@ -320,6 +320,14 @@ OUTBOUND_TIMEOUT = env.float("OUTBOUND_TIMEOUT", default=10)
 OUTBOUND_MAX_REDIRECTS = env.int("OUTBOUND_MAX_REDIRECTS", default=5)
 OUTBOUND_MAX_BYTES = env.int("OUTBOUND_MAX_BYTES", default=1024 * 1024)
 
+# An OpenAI-compatible chat-completions API for the skills that can use one
+# (skills/support/llm.py): unset, they answer offline. Each call is given at most
+# LLM_TIMEOUT seconds, and always less than its step's soft time limit.
+LLM_BASE_URL = env.str("LLM_BASE_URL", default="")
+LLM_API_KEY = env.str("LLM_API_KEY", default="")
+LLM_MODEL = env.str("LLM_MODEL", default="")
+LLM_TIMEOUT = env.float("LLM_TIMEOUT", default=20)
+
 # Where people open Flower (the admin links each step's task to it).
 FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/")
 

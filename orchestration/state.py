@@ -28,6 +28,7 @@ from . import events, metrics, state_pg, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
+    Conversation,
     Message,
     MessageRole,
     Run,
@@ -673,6 +674,20 @@ def mark_unpublished(run_id: int, error: str) -> None:
     with transaction.atomic(savepoint=False):
         Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(republished_at=due)
         record(run_id, "run.publish_failed", error=error)
+
+
+def update_conversation_state(conversation_id: int, run_id: int, step_id: int, values: dict[str, Any]) -> None:
+    """Merge ``values`` into the conversation's state (top-level keys replaced), with a run event naming them.
+
+    The row is locked while it is read and written, so concurrent runs of one
+    conversation lose no key; writing the same values twice (a retried step)
+    leaves the same state.
+    """
+    with transaction.atomic():
+        conversation = Conversation.objects.select_for_update().only("state").get(pk=conversation_id)
+        conversation.state = {**conversation.state, **values}
+        conversation.save(update_fields=["state", "updated_at"])
+        record(run_id, "conversation.state_updated", step_id, keys=sorted(values))
 
 
 def _append_reply(conversation_id: int, run_id: int, output: Any) -> None:

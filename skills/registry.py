@@ -30,6 +30,8 @@ class SkillError(Exception):
 
 
 NO_DEFAULT: Any = object()
+# Seconds an outbound call of a skill leaves before its step's soft limit (SkillContext.time_for_call).
+CALL_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class SkillContext:
     attempt: int
     # When the run must have ended (its steps' time budget, skills/budget.py); None: no deadline known.
     deadline: datetime | None = None
+    # The step's soft time limit (seconds) and when its skill was called (time.monotonic()).
+    soft_time_limit: float | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def remaining(self) -> float | None:
         """Seconds left of the run's deadline (0 once past); None without one.
@@ -80,6 +85,31 @@ class SkillContext:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline.timestamp() - time.time())
+
+    def time_for_call(self, cap: float, margin: float = CALL_MARGIN) -> float:
+        """Seconds an outbound call may take (0 when none is left): at most ``cap``.
+
+        It ends ``margin`` seconds before the step's soft time limit and the
+        run's deadline, so the skill sees a client timeout it can handle
+        (fall back, fail with a clear error) rather than being stopped.
+        """
+        left = [cap]
+        if self.soft_time_limit is not None:
+            left.append(self.soft_time_limit - (time.monotonic() - self.started) - margin)
+        if (remaining := self.remaining()) is not None:
+            left.append(remaining - margin)
+        return max(0.0, min(left))
+
+    def remember(self, **values: Any) -> None:
+        """Merge ``values`` (JSON) into the conversation's state, which later steps and runs see as ``ctx.state``.
+
+        Stored at once, not with the step's output. No-op outside a conversation.
+        """
+        if self.conversation_id is None:
+            return
+        from orchestration.state import update_conversation_state  # the registry is imported by orchestration
+
+        update_conversation_state(self.conversation_id, self.run_id, self.step_id, values)
 
     @property
     def idempotency_key(self) -> str:

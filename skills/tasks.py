@@ -365,6 +365,7 @@ def _context(step: Step, deadline: budget.Deadline | None = None) -> SkillContex
         args=step.args,
         attempt=step.attempts,
         deadline=deadline.as_datetime() if deadline else None,
+        soft_time_limit=step.soft_time_limit,
     )
 
 
