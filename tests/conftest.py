@@ -124,6 +124,21 @@ def running_worker(name: str, concurrency: int, env: dict[str, str], log_path: P
             process.wait()
 
 
+@contextmanager
+def worker_instead(session_worker: Worker, label: str, env: dict[str, str]) -> Iterator[Worker]:
+    """A one-process worker with ``env`` on top of ours takes the default queue from the session's for the block.
+
+    For a test that needs a worker configured otherwise (Sentry on, an LLM configured).
+    """
+    app.control.cancel_consumer("default", destination=[session_worker.name], reply=True)
+    log_path = WORKER_LOG.with_name(f"{WORKER_LOG.stem}-{label}.log")
+    try:
+        with running_worker(f"{label}-{os.getpid()}@localhost", 1, env, log_path) as replacement:
+            yield replacement
+    finally:
+        app.control.add_consumer("default", destination=[session_worker.name], reply=True)
+
+
 @pytest.fixture
 def worker(celery_worker_process: Worker, transactional_db: None) -> Iterator[Worker]:
     """A real worker, and a database whose committed rows it can see."""

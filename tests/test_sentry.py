@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator
 
@@ -12,10 +11,9 @@ from sentry_sdk.consts import DEFAULT_OPTIONS
 from sentry_sdk.utils import event_from_exception
 
 from agentsite import sentry, telemetry
-from agentsite.celery import app
 from orchestration.models import Run
 
-from .conftest import WORKER_LOG, Worker, running_worker, wait_for_run, wait_until
+from .conftest import Worker, wait_for_run, wait_until, worker_instead
 from .factories import ConversationFactory, token_for
 from .sentry_receiver import SentryReceiver
 
@@ -39,14 +37,9 @@ def reporting_worker(worker: Worker, sentry_receiver: SentryReceiver) -> Iterato
     pool processes failed now and then (a redelivered step ended as if
     revoked), and those must stay exact.
     """
-    app.control.cancel_consumer("default", destination=[worker.name], reply=True)
     env = {"SENTRY_DSN": sentry_receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
-    log_path = WORKER_LOG.with_name(f"{WORKER_LOG.stem}-sentry.log")
-    try:
-        with running_worker(f"sentry-{os.getpid()}@localhost", 1, env, log_path) as reporting:
-            yield reporting
-    finally:
-        app.control.add_consumer("default", destination=[worker.name], reply=True)
+    with worker_instead(worker, "sentry", env) as reporting:
+        yield reporting
 
 
 def test_a_failing_step_is_reported_with_its_step_and_skill_and_without_data(
