@@ -344,16 +344,17 @@ def resume_waiting(
     with transaction.atomic(savepoint=False):
         if not Run.objects.filter(pk=run_id, status=RunStatus.WAITING).update(republished_at=now):
             return None
-        row = answered.values_list("pk", "key", "path", "skill", "started_at").first()
+        row = answered.values_list("pk", "key", "path", "skill", "started_at", "wait").first()
         if row is None:
             return None
-        step_id, key, path, skill, started_at = row
+        step_id, key, path, skill, started_at, wait = row
+        output = answered_output(wait or {}, payload)
         # A fresh task id, as a replay gives: the task that asked to wait ended
         # halted, and a chord it belongs to would count that stored failure
         # against the canvas published now.
         Step.objects.filter(pk=step_id).update(
             status=StepStatus.SUCCEEDED,
-            output=payload,
+            output=output,
             error="",
             finished_at=now,
             lease_until=now,
@@ -366,8 +367,16 @@ def resume_waiting(
         record(run_id, "run.resumed", step_id, step=key, by=by)
         metrics.step_finished(skill, StepStatus.SUCCEEDED, started_at, now)
         if path == final_path:
-            succeed_run(run_id, payload)
+            succeed_run(run_id, output)
     return str(key)
+
+
+def answered_output(wait: dict[str, Any], payload: Any) -> Any:
+    """A resumed step's output: the payload, merged over the wait's ``base`` when both are objects."""
+    base = wait.get("base")
+    if isinstance(base, dict) and isinstance(payload, dict):
+        return {**base, **payload}
+    return payload
 
 
 def fail_step(step_id: int, error: str, status: str = StepStatus.FAILED, task_id: str | None = None) -> bool:

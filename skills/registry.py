@@ -43,21 +43,29 @@ class Wait:
     output, and the run goes on from the next step. After ``timeout``
     seconds (capped by the run's deadline; none: until the deadline) the
     step succeeds with ``default`` if one was given, else it times out and
-    its run fails (orchestration.state.wait_step).
+    its run fails (orchestration.state.wait_step). With a ``base`` object,
+    an object payload (or default) is merged over it: the step's output is
+    the base with the answer's keys on top, so what the skill had gathered
+    goes on along the run (orchestration.state.answered_output).
     """
 
     prompt: str
     timeout: float | None = None
     default: Any = NO_DEFAULT
+    base: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """As JSON: what the step keeps (Step.wait) and a retry carries."""
-        wait = {"prompt": self.prompt, "timeout": self.timeout}
-        return wait if self.default is NO_DEFAULT else {**wait, "default": self.default}
+        wait: dict[str, Any] = {"prompt": self.prompt, "timeout": self.timeout}
+        if self.default is not NO_DEFAULT:
+            wait["default"] = self.default
+        if self.base is not None:
+            wait["base"] = self.base
+        return wait
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Wait:
-        return cls(record["prompt"], record["timeout"], record.get("default", NO_DEFAULT))
+        return cls(record["prompt"], record["timeout"], record.get("default", NO_DEFAULT), record.get("base"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,9 @@ class SkillContext:
         """Stable across retries and redeliveries: use it for external calls."""
         return f"{self.run_id}:{self.step_key}"
 
-    def wait(self, prompt: str, timeout: float | None = None, default: Any = NO_DEFAULT) -> Wait:
+    def wait(
+        self, prompt: str, timeout: float | None = None, default: Any = NO_DEFAULT, base: dict[str, Any] | None = None
+    ) -> Wait:
         """A request to wait for input, for the skill to return (see Wait); ``default`` needs a ``timeout``."""
         if not isinstance(prompt, str) or not prompt:
             raise SkillError("wait: the prompt must be a non-empty string")
@@ -126,7 +136,9 @@ class SkillContext:
             raise SkillError(f"wait: the timeout must be a positive number of seconds, not {timeout!r}")
         if default is not NO_DEFAULT and timeout is None:
             raise SkillError("wait: a default is taken when the wait times out, so it needs a timeout")
-        return Wait(prompt, None if timeout is None else float(timeout), default)
+        if base is not None and not isinstance(base, dict):
+            raise SkillError(f"wait: the base must be an object, not {type(base).__name__}")
+        return Wait(prompt, None if timeout is None else float(timeout), default, base)
 
 
 SkillFunc = Callable[[SkillContext, Any], Any]
