@@ -13,6 +13,7 @@ Inputs and outputs cross the broker as JSON, so both must be JSON values.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +85,12 @@ class SkillContext:
     # The step's soft time limit (seconds) and when its skill was called (time.monotonic()).
     soft_time_limit: float | None = None
     started: float = field(default_factory=time.monotonic)
+    skill: str = ""
+
+    @property
+    def log(self) -> logging.Logger:
+        """The skill's logger (``skills.run.<skill>``); its lines carry the run, step and skill ids."""
+        return logging.getLogger(f"skills.run.{self.skill or 'unknown'}")
 
     def remaining(self) -> float | None:
         """Seconds left of the run's deadline (0 once past); None without one.

@@ -366,6 +366,7 @@ def _context(step: Step, deadline: budget.Deadline | None = None) -> SkillContex
         attempt=step.attempts,
         deadline=deadline.as_datetime() if deadline else None,
         soft_time_limit=step.soft_time_limit,
+        skill=step.skill,
     )
 
 
