@@ -92,9 +92,13 @@ def ask_human(ctx: SkillContext, input: Any) -> Any:
     return ctx.wait(str(ctx.args.get("prompt", "Continue?")), ctx.args.get("timeout"), default)
 
 
-@skill(description="Raises with args.message.", soft_time_limit=5, time_limit=10)
+@skill(
+    description="Raises with args.message; args.transient false says a retry cannot help.",
+    soft_time_limit=5,
+    time_limit=10,
+)
 def fail(ctx: SkillContext, input: Any) -> Any:
-    raise SkillError(str(ctx.args.get("message", "failed on purpose")))
+    raise SkillError(str(ctx.args.get("message", "failed on purpose")), transient=ctx.args.get("transient", True))
 
 
 @skill(

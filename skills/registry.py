@@ -27,7 +27,25 @@ from .breakers import Breaker
 
 
 class SkillError(Exception):
-    """A skill failed in an expected way; the message is shown to users."""
+    """A skill failed in an expected way; the message is shown to users.
+
+    ``transient=False`` says a retry cannot help (bad input, a refused query):
+    the step fails at once even if its skill declares retries.
+    """
+
+    def __init__(self, message: str = "", *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> Any:
+        # Keeps ``transient`` when the exception is pickled (a retry carries it).
+        return (_skill_error, (type(self), str(self), self.transient))
+
+
+def _skill_error(cls: type[SkillError], message: str, transient: bool) -> SkillError:
+    error = cls.__new__(cls)
+    SkillError.__init__(error, message, transient=transient)
+    return error
 
 
 NO_DEFAULT: Any = object()

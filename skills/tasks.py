@@ -324,7 +324,7 @@ def _handle_failure(
     own_timeout = f"timed out after {step.soft_time_limit:g}s (soft limit)"
     error = (budget.timeout_error(exc) or own_timeout) if timed_out else _message(exc)
     # An open circuit fails (or skips) its step at once: a retry would find it open too.
-    if step.attempts <= retry["max"] and not isinstance(exc, breakers.CircuitOpen):
+    if step.attempts <= retry["max"] and _may_retry(exc):
         countdown = backoff(step.attempts, retry["backoff"], retry["backoff_max"])
         state.retry_step(state.StepRef.of(step), error, countdown, timed_out)
         # A new delivery: if this message is redelivered too, only one of them runs.
@@ -342,6 +342,13 @@ def _handle_failure(
         return fallback
     state.fail_step(step.pk, error, StepStatus.TIMED_OUT if timed_out else StepStatus.FAILED)
     raise StepHalted(error) from exc
+
+
+def _may_retry(exc: Exception) -> bool:
+    """An open circuit would be open on a retry too; a non-transient SkillError would fail the same way."""
+    if isinstance(exc, breakers.CircuitOpen):
+        return False
+    return not (isinstance(exc, SkillError) and not exc.transient)
 
 
 def _fallback(name: str) -> Any:

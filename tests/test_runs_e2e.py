@@ -319,6 +319,25 @@ def test_a_flaky_step_with_more_failures_than_retries_fails_the_run(worker, user
     assert_never_ran(steps(r)["spec.chain[1]"])
 
 
+@pytest.mark.parametrize(("transient", "attempts"), [(True, 3), (False, 1)])
+def test_a_skill_error_a_retry_cannot_help_is_not_retried(worker, user, transient, attempts):
+    r = run(user, {"skill": "fail", "id": "f", "args": {"message": "bad", "transient": transient}, "retries": 2})
+
+    f = steps(r)["f"]
+    assert r.status == "failed"
+    assert (f.status, f.attempts, f.error) == ("failed", attempts, "bad")
+
+
+def test_a_skill_error_keeps_its_transience_through_pickling():
+    import pickle
+
+    from skills.support.llm import LLMError
+
+    error = pickle.loads(pickle.dumps(LLMError("the LLM answered HTTP 400", transient=False)))
+
+    assert (type(error), str(error), error.transient) == (LLMError, "the LLM answered HTTP 400", False)
+
+
 # --- Queue TTL --------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from skills.registry import SkillContext, SkillError, skill
 
 from .ticket import Ticket, ticket_of
 
-MIN_CONFIDENCE = 0.45
+MIN_CONFIDENCE = 0.5  # classify_intent routes to "escalate" below this too
 DEFAULT_TIMEOUT = 1800.0
 DRAFT_IN_PROMPT = 1500  # characters of the draft shown in the prompt
 

@@ -25,10 +25,6 @@ from skills.registry import SkillContext, SkillError
 class LLMError(SkillError):
     """The LLM call failed; ``transient`` when a later attempt may succeed (timeout, 429, 5xx, connection)."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
-        super().__init__(message)
-        self.transient = transient
-
 
 @dataclass(frozen=True)
 class Completion:
