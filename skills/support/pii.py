@@ -85,20 +85,21 @@ ID_LABEL = (
     r"(?:\s+(?:number|no\.?|num|nr\.?))?\s*(?:is\s+|:\s*|#\s*)?"
 )
 
-# In priority order: where two overlap, the earlier detector wins.
+# In priority order: where two overlap, the earlier detector wins (a labelled id before a card: some
+# national ids, South Africa's, carry a Luhn check digit).
 DETECTORS = (
     Detector("email", re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")),
-    Detector("id", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_valid),
-    Detector("card", re.compile(NOT_WORD_BEFORE + r"\d(?:[ -]?\d){12,18}" + NOT_WORD_AFTER), card_valid),
-    Detector("id", re.compile(NOT_WORD_BEFORE + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + NOT_WORD_AFTER)),
-    Detector(
-        "id", re.compile(r"\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
-    ),
     Detector(
         "id",
         re.compile(ID_LABEL + r"([A-Z0-9][A-Z0-9-]{4,18}[A-Z0-9])\b", re.IGNORECASE),
         lambda found: any(c.isdigit() for c in found),
         group=1,
+    ),
+    Detector("id", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_valid),
+    Detector("card", re.compile(NOT_WORD_BEFORE + r"\d(?:[ -]?\d){12,18}" + NOT_WORD_AFTER), card_valid),
+    Detector("id", re.compile(NOT_WORD_BEFORE + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + NOT_WORD_AFTER)),
+    Detector(
+        "id", re.compile(r"\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
     ),
     Detector(
         "phone",
