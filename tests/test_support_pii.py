@@ -1,4 +1,4 @@
-"""mask_pii: personal data is masked, order numbers, prices and dates are not; at intake the raw text is never stored."""
+"""mask_pii: personal data is masked; order numbers, prices and dates are not; intake never stores the raw text."""
 
 from __future__ import annotations
 
@@ -147,14 +147,15 @@ def test_it_runs_as_a_step(worker, user):
     run = wait_for_run(start_run(owner=user, spec=spec, input={"content": MESSAGE}))
 
     assert run.status == "succeeded", run.error
-    assert run.output["pii"] == {"email": 1, "phone": 1, "card": 1}
-    assert RAW_EMAIL not in run.output["content"]
-    assert "order 1042" in run.output["content"]
+    output = run.output or {}
+    assert output["pii"] == {"email": 1, "phone": 1, "card": 1}
+    assert RAW_EMAIL not in output["content"]
+    assert "order 1042" in output["content"]
 
 
 def database_text() -> str:
     """Every row of every table, as text."""
-    rows = [list(model.objects.values()) for model in apps.get_models()]
+    rows = [list(model._default_manager.values()) for model in apps.get_models()]
     return json.dumps(rows, default=str)
 
 
@@ -178,7 +179,11 @@ def test_a_message_is_masked_before_it_is_stored(worker, api, user):
         "conversation_id": conversation.pk,
         "pii": {"email": 1, "phone": 1, "card": 1},
     }
-    assert run.output["pii"] == {"email": 1, "phone": 1, "card": 1}  # the step adds nothing to the intake's count
+    assert (run.output or {})["pii"] == {
+        "email": 1,
+        "phone": 1,
+        "card": 1,
+    }  # the step adds nothing to the intake's count
     everything = database_text()
     for raw in (RAW_EMAIL, "010-2030", "4111 1111 1111 1111"):
         assert raw not in everything
@@ -197,4 +202,4 @@ def test_a_message_for_a_run_that_does_not_mask_is_stored_as_sent(worker, api, u
     run = wait_for_run(Run.objects.get(pk=response.json()["run"]["id"]))
     assert run.status == "succeeded", run.error
     assert run.input == {"content": MESSAGE, "conversation_id": conversation.pk}
-    assert run.output["content"] == mask(MESSAGE)[0]
+    assert (run.output or {})["content"] == mask(MESSAGE)[0]
