@@ -5,7 +5,7 @@ It scores the ticket's ``reply`` against the ``articles`` it cites:
 - ``grounding`` (0..1): the mean of two shares, the reply's content words
   found in the cited articles' titles and text, and its sentences (of three
   or more content words) at least half of whose content words are found
-  there. The "Sources: ..." line is left out. No articles: 0.
+  there. The closing "Sources: ..." line is left out. No articles: 0.
 - ``tone`` (0..1): VADER on the reply; a negative compound lowers it by half
   its size (an apology reads mildly negative), and each blaming or rude
   phrase ("your fault", "you should have"...) takes off 0.4.
@@ -34,7 +34,8 @@ MIN_SCORE = 0.6
 MIN_WORDS, MAX_WORDS = 20, 180
 SUPPORTED_SENTENCE = 0.5  # share of a sentence's content words the articles must have
 RUDE_PENALTY = 0.4
-SOURCES_LINE = re.compile(r"^\s*sources?:.*$", re.IGNORECASE | re.MULTILINE)
+# compose_reply ends its reply with this line: it names the articles, it is not a claim to ground.
+SOURCES_LINE = re.compile(r"(?:^|\n)[ \t]*sources?:[^\n]*\s*\Z", re.IGNORECASE)
 RUDE = (
     "your fault",
     "you should have",
