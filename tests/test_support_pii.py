@@ -13,7 +13,7 @@ from skills.registry import SkillContext, SkillError
 from skills.support.pii import luhn_valid, mask, mask_pii
 
 from .conftest import wait_for_run
-from .factories import ConversationFactory
+from .factories import ConversationFactory, WorkflowFactory
 
 RAW_EMAIL = "jane.doe+billing@example.co.uk"
 MESSAGE = (
@@ -203,3 +203,20 @@ def test_a_message_for_a_run_that_does_not_mask_is_stored_as_sent(worker, api, u
     assert run.status == "succeeded", run.error
     assert run.input == {"content": MESSAGE, "conversation_id": conversation.pk}
     assert (run.output or {})["content"] == mask(MESSAGE)[0]
+
+
+@pytest.mark.django_db
+def test_a_message_for_a_named_workflow_that_masks_is_stored_masked(api, user):
+    conversation = ConversationFactory.create(owner=user)
+    workflow = WorkflowFactory.create(owner=user, spec={"chain": [{"skill": "mask_pii"}, {"skill": "echo"}]})
+
+    response = api.post(
+        f"/api/conversations/{conversation.pk}/messages/",
+        {"content": f"I am {RAW_EMAIL}", "workflow": workflow.name},
+        format="json",
+    )
+
+    assert response.status_code == 202, response.content
+    run = Run.objects.get(pk=response.json()["run"]["id"])
+    assert run.input == {"content": "I am [email]", "conversation_id": conversation.pk, "pii": {"email": 1}}
+    assert Message.objects.get(run=run).content == "I am [email]"
