@@ -68,6 +68,8 @@ class Query:
     parameters: list[str]
     # (start, end) of each ``:name`` in ``text``, end exclusive, for drivers that spell parameters otherwise.
     spans: list[tuple[int, int, str]]
+    # Names of its CTEs: SQLite's authorizer sees a read of each (of a recursive one, say).
+    ctes: frozenset[str] = frozenset()
 
 
 @skill(
@@ -118,7 +120,9 @@ def check_query(text: Any, dialect: str, allowed: list[str]) -> Query:
         raise _refused(f"only SELECT (or WITH ... SELECT) is allowed, not {_kind(tree)}")
     for node in tree.walk():
         _check_node(node, allowed)
-    return Query(text=text, dialect=dialect, parameters=_parameter_names(tree), spans=_parameter_spans(text, dialect))
+    ctes = frozenset(cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE))
+    spans = _parameter_spans(text, dialect)
+    return Query(text=text, dialect=dialect, parameters=_parameter_names(tree), spans=spans, ctes=ctes)
 
 
 def _one_statement(text: str, dialect: str) -> exp.Expr:
@@ -217,6 +221,7 @@ def run_query(alias: str, query: Query, params: Params, timeout: float, max_rows
 
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
+Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
 
 
 def _run_on_postgres(alias: str, query: Query, params: Params, timeout: float, limit: int) -> Rows:
@@ -258,7 +263,7 @@ def _pyformat(query: Query) -> str:
 
 def _run_on_sqlite(alias: str, query: Query, params: Params, timeout: float, limit: int) -> Rows:
     denied: list[str] = []
-    with _read_only_sqlite(alias, allowed_tables(), denied, timeout) as connection:
+    with _read_only_sqlite(alias, _authorizer(allowed_tables(), query.ctes, denied), timeout) as connection:
         try:
             cursor = connection.execute(query.text, params)
             columns = [column[0] for column in cursor.description or []]
@@ -273,9 +278,7 @@ def _run_on_sqlite(alias: str, query: Query, params: Params, timeout: float, lim
 
 
 @contextmanager
-def _read_only_sqlite(
-    alias: str, allowed: list[str], denied: list[str], timeout: float
-) -> Iterator[sqlite3.Connection]:
+def _read_only_sqlite(alias: str, authorizer: Authorizer, timeout: float) -> Iterator[sqlite3.Connection]:
     path = str(connections[alias].settings_dict["NAME"])
     # PARSE_DECLTYPES: Django's converters (registered with the sqlite3 module) give decimal and
     # datetime columns back as Decimal and datetime, as on PostgreSQL.
@@ -283,23 +286,27 @@ def _read_only_sqlite(
         f"file:{path}?mode=ro", uri=True, timeout=timeout, detect_types=sqlite3.PARSE_DECLTYPES
     )
     try:
-        connection.set_authorizer(_authorizer(allowed, denied))
+        connection.set_authorizer(authorizer)
         connection.set_progress_handler(_deadline_check(time.monotonic() + timeout), PROGRESS_EVERY)
         yield connection
     finally:
         connection.close()
 
 
-def _authorizer(
-    allowed: list[str], denied: list[str]
-) -> Callable[[int, str | None, str | None, str | None, str | None], int]:
-    """Allows reading the ``allowed`` tables and computing; records and denies anything else."""
+def _authorizer(allowed: list[str], ctes: frozenset[str], denied: list[str]) -> Authorizer:
+    """Allows reading the ``allowed`` tables (and the query's CTEs) and computing; records and denies the rest.
+
+    A CTE's read comes with no database name, a real table's with "main"
+    (except in ``count(*)``, which reads no column): so a CTE's name never
+    opens a real table's columns.
+    """
     harmless = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
     def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
         if action in harmless:
             return sqlite3.SQLITE_OK
-        if action == sqlite3.SQLITE_READ and (arg1 or "").lower() in allowed:
+        table = (arg1 or "").lower()
+        if action == sqlite3.SQLITE_READ and (table in allowed or (table in ctes and db is None)):
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_READ:
             denied.append(f'table "{arg1}" is not allowed (allowed: {", ".join(allowed)})')
