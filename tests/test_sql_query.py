@@ -259,9 +259,10 @@ def test_the_order_a_customer_mentions_is_looked_up(worker, user, shop):
     run = wait_for_run(start_run(owner=user, spec=spec, input=message))
 
     assert run.status == "succeeded", run.error
-    assert run.output["order_id"] == 1042
-    assert run.output["sql"]["row_count"] == 2
-    assert run.output["sql"]["rows"][0][:3] == ["jane@example.com", "Jane Doe", 101.5]
+    output: dict[str, Any] = run.output or {}
+    assert output["order_id"] == 1042
+    assert output["sql"]["row_count"] == 2
+    assert output["sql"]["rows"][0][:3] == ["jane@example.com", "Jane Doe", 101.5]
 
 
 @pytest.mark.worker
