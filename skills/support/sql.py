@@ -84,6 +84,7 @@ class Query:
 )
 def sql_query(ctx: SkillContext, input: Any) -> Any:
     ticket = ticket_of(input)
+    into = _into(ctx.args.get("into", "sql"))
     alias = settings.SQL_QUERY_DATABASE
     query = check_query(ctx.args.get("query"), dialect_of(alias), allowed_tables())
     params = parameters(query, ctx.args.get("params", {}), ticket)
@@ -91,7 +92,7 @@ def sql_query(ctx: SkillContext, input: Any) -> Any:
     if timeout <= 0:
         raise SkillError("sql_query: no time left for the query", transient=False)
     result = run_query(alias, query, params, timeout, settings.SQL_QUERY_MAX_ROWS)
-    return {**ticket, _into(ctx.args.get("into", "sql")): result}
+    return {**ticket, into: result}
 
 
 def allowed_tables() -> list[str]:

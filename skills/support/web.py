@@ -41,12 +41,13 @@ RETRY_STATUSES = frozenset({408, 429})
 def http_fetch(ctx: SkillContext, input: Any) -> Any:
     ticket = ticket_of(input)
     url = url_of(ctx.args, ticket)
+    into = _into(ctx.args.get("into", "fetched"))
     max_bytes = max_bytes_of(ctx.args.get("max_bytes"))
     timeout = ctx.time_for_call(settings.OUTBOUND_TIMEOUT)
     if timeout <= 0:
         raise SkillError("http_fetch: no time left for the request", transient=False)
     response = get(url, timeout, max_bytes)
-    return {**ticket, _into(ctx.args.get("into", "fetched")): fetched(url, response, max_bytes)}
+    return {**ticket, into: fetched(url, response, max_bytes)}
 
 
 def url_of(args: dict[str, Any], ticket: Ticket) -> str:
