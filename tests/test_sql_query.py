@@ -274,3 +274,15 @@ def test_a_refused_query_fails_the_step_at_once(worker, user, shop):
     assert run.status == "failed"
     assert 'sql_query: table "auth_user" is not allowed (allowed: shop_customer, shop_order' in run.error
     assert run.steps.get().attempts == 1
+
+
+def test_the_demo_shop_is_shown_read_only_in_the_admin(shop, admin_client):
+    listing = admin_client.get("/admin/skills/order/?q=1042")
+    order = admin_client.get("/admin/skills/order/1042/change/")
+
+    assert listing.status_code == 200
+    assert "jane@example.com" in listing.content.decode()
+    assert order.status_code == 200
+    assert "ch_1042_2" in order.content.decode()
+    assert 'name="_save"' not in order.content.decode()
+    assert admin_client.get("/admin/skills/order/add/").status_code == 403
