@@ -100,6 +100,20 @@ def seed(apps: Any, schema_editor: Any = None) -> None:
                 reference=f"ch_{number}_{index + 1}",
                 created_at=placed_at + timedelta(minutes=index + 1),
             )
+    _reset_sequences([Customer, Order, OrderItem, Payment])
+
+
+def _reset_sequences(models: list[Any]) -> None:
+    """The orders were given their ids: PostgreSQL's sequences must go past them (a no-op on SQLite)."""
+    from django.core.management.color import no_style
+    from django.db import connections
+
+    connection = connections[models[0].objects.db]
+    statements = connection.ops.sequence_reset_sql(no_style(), models)
+    if statements:
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
 
 
 def unseed(apps: Any, schema_editor: Any = None) -> None:

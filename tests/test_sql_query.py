@@ -12,7 +12,7 @@ from django.db import connection
 
 from orchestration.services import start_run
 from skills import demo_shop
-from skills.models import Order
+from skills.models import Customer, Order
 from skills.registry import SkillContext, SkillError
 from skills.support.sql import Query, _pyformat, check_query, json_safe, parameters, run_query, sql_query
 
@@ -151,11 +151,18 @@ def test_psycopg_gets_its_own_placeholders_and_literal_percent_signs():
     )
 
 
+def test_a_postgresql_slice_is_not_a_parameter():
+    query = check_query("select (array[1, 2, 3])[1:2] from shop_order where id = :id", "postgres", ALLOWED)
+
+    assert _pyformat(query) == "select (array[1, 2, 3])[1:2] from shop_order where id = %(id)s"
+
+
 def test_values_become_json():
     values = [Decimal("49.99"), datetime(2026, 10, 1, 9, 0), date(2026, 10, 1), b"\x01\xff", None, "x", 3]
 
     assert json_safe(values) == [49.99, "2026-10-01T09:00:00+00:00", "2026-10-01", "01ff", None, "x", 3]
     assert json_safe(datetime(2026, 10, 1, 9, 0, tzinfo=UTC)) == "2026-10-01T09:00:00+00:00"
+    assert json_safe([Decimal("NaN"), Decimal("Infinity")]) == ["NaN", "Infinity"]
 
 
 # --- On the database ------------------------------------------------------------------
@@ -188,6 +195,20 @@ def test_it_joins_and_aggregates_into_the_key_asked(shop):
     assert result["columns"] == ["id", "items", "value", "placed"]
     assert [row[:3] for row in result["rows"]] == [[1031, 1, 25.0], [1032, 2, 42.9]]
     assert str(result["rows"][0][3]).startswith("2026-10-01")
+
+
+def test_a_datetime_column_is_an_iso_string_in_utc(shop):
+    query = "select placed_at, total from shop_order where id = 1031"
+
+    assert sql_query(context(query=query), {})["sql"]["rows"] == [["2026-10-01T11:00:00+00:00", 25.0]]
+
+
+def test_new_orders_come_after_the_demo_ones(shop):
+    customer = Customer.objects.create(email="new@example.com", name="New", created_at=demo_shop.START)
+
+    order = Order.objects.create(customer=customer, status="pending", total=1, placed_at=demo_shop.START)
+
+    assert order.pk > 1050
 
 
 def test_it_keeps_at_most_the_row_cap(shop, settings):

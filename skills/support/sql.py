@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import sqlglot
@@ -122,8 +123,9 @@ def check_query(text: Any, dialect: str, allowed: list[str]) -> Query:
     for node in tree.walk():
         _check_node(node, allowed)
     ctes = frozenset(cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE))
-    spans = _parameter_spans(text, dialect)
-    return Query(text=text, dialect=dialect, parameters=_parameter_names(tree), spans=spans, ctes=ctes)
+    names = _parameter_names(tree)
+    spans = _parameter_spans(text, dialect, names)
+    return Query(text=text, dialect=dialect, parameters=names, spans=spans, ctes=ctes)
 
 
 def _one_statement(text: str, dialect: str) -> exp.Expr:
@@ -175,12 +177,15 @@ def _parameter_names(tree: exp.Expr) -> list[str]:
     return list(dict.fromkeys(placeholder.name for placeholder in tree.find_all(exp.Placeholder) if placeholder.name))
 
 
-def _parameter_spans(text: str, dialect: str) -> list[tuple[int, int, str]]:
-    """Where each ``:name`` is in the text: a ':' token right before a name token (never inside a string)."""
+def _parameter_spans(text: str, dialect: str, names: list[str]) -> list[tuple[int, int, str]]:
+    """Where each ``:name`` of ``names`` is in the text: a ':' token right before the name's (never in a string).
+
+    Only the parser's placeholders: a PostgreSQL slice ``a[1:n]`` stays as it is.
+    """
     tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(text)
     spans = []
     for colon, name in itertools.pairwise(tokens):
-        if colon.token_type.name == "COLON" and name.start == colon.end + 1 and re.fullmatch(r"\w+", name.text):
+        if colon.token_type.name == "COLON" and name.start == colon.end + 1 and name.text in names:
             spans.append((colon.start, name.end + 1, name.text))
     return spans
 
@@ -280,12 +285,13 @@ def _run_on_sqlite(alias: str, query: Query, params: Params, timeout: float, lim
 
 @contextmanager
 def _read_only_sqlite(alias: str, authorizer: Authorizer, timeout: float) -> Iterator[sqlite3.Connection]:
-    path = str(connections[alias].settings_dict["NAME"])
-    # PARSE_DECLTYPES: Django's converters (registered with the sqlite3 module) give decimal and
-    # datetime columns back as Decimal and datetime, as on PostgreSQL.
-    connection = sqlite3.connect(
-        f"file:{path}?mode=ro", uri=True, timeout=timeout, detect_types=sqlite3.PARSE_DECLTYPES
-    )
+    uri = Path(str(connections[alias].settings_dict["NAME"])).resolve().as_uri() + "?mode=ro"
+    try:
+        # PARSE_DECLTYPES: Django's converters (registered with the sqlite3 module) give decimal and
+        # datetime columns back as Decimal and datetime, as on PostgreSQL.
+        connection = sqlite3.connect(uri, uri=True, timeout=timeout, detect_types=sqlite3.PARSE_DECLTYPES)
+    except sqlite3.Error as exc:
+        raise SkillError(f"sql_query: the database cannot be opened read-only: {exc}", transient=False) from exc
     try:
         connection.set_authorizer(authorizer)
         connection.set_progress_handler(_deadline_check(time.monotonic() + timeout), PROGRESS_EVERY)
@@ -331,7 +337,7 @@ def _deadline_check(deadline: float) -> Callable[[], int]:
 def json_safe(value: Any) -> Any:
     """A value as JSON: Decimal as a number (float), dates and times as ISO 8601 strings, bytes as hex."""
     if isinstance(value, Decimal):
-        return float(value)
+        return float(value) if value.is_finite() else str(value)  # JSON has no NaN or Infinity
     if isinstance(value, datetime):
         if value.tzinfo is None and settings.USE_TZ:
             value = value.replace(tzinfo=UTC)  # Django keeps datetimes in UTC where the column has no zone
