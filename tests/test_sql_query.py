@@ -63,6 +63,8 @@ def refusal(call: Any) -> str:
         LONG,
         "select id from shop_order union select order_id from shop_payment",
         "select * from shop_order where id in (select order_id from shop_payment where amount > 50);",
+        "select * from shop_order; -- the last one",
+        "select 1 -- ; drop table shop_order",
     ],
 )
 def test_it_accepts_one_select_over_allowed_tables(dialect, query):
@@ -96,6 +98,13 @@ def test_it_accepts_one_select_over_allowed_tables(dialect, query):
         ("select query_to_xml('select * from auth_user', true, true, '')", 'the function "query_to_xml"'),
         ("select current_setting('is_superuser')", 'the function "current_setting" is not allowed'),
         ("select * from generate_series(1, 10)", "is not allowed (allowed: shop_customer"),
+        ("select * from pragma_table_info('auth_user')", 'table "pragma_table_info" is not allowed'),
+        ("select * from shop_order, lateral pg_ls_dir('.') f", 'the function "pg_ls_dir" is not allowed'),
+        ("select pg_catalog.pg_read_file('x')", 'the function "pg_read_file" is not allowed'),
+        ("select (select count(*) from auth_user)", 'table "auth_user" is not allowed'),
+        ("select * from shop_order natural join auth_user", 'table "auth_user" is not allowed'),
+        ("set statement_timeout = 0", "only SELECT (or WITH ... SELECT) is allowed, not SET"),
+        ("explain analyze select * from shop_order", "only SELECT (or WITH ... SELECT) is allowed, not COMMAND"),
         ("select * from shop_order where (", "sql_query: the query does not parse"),
         ("pragma table_info(shop_order)", "only SELECT (or WITH ... SELECT) is allowed, not PRAGMA"),
         ("", "args.query must be the SQL text of a SELECT"),
@@ -258,6 +267,14 @@ def test_sqlite_itself_refuses_a_table_the_parser_let_through(shop, text, table)
     query = Query(text=text, dialect="sqlite", parameters=[], spans=[])
 
     assert f'sql_query: table "{table}" is not allowed' in refusal(lambda: run_query("default", query, {}, 2, 10))
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's own statements")
+@pytest.mark.parametrize("text", ["attach database ':memory:' as other", "pragma writable_schema = on"])
+def test_sqlite_itself_refuses_attach_and_pragma(shop, text):
+    query = Query(text=text, dialect="sqlite", parameters=[], spans=[])
+
+    assert refusal(lambda: run_query("default", query, {}, 2, 10)).startswith("sql_query: only SELECT is allowed")
 
 
 def test_a_column_the_database_does_not_know_is_its_error(shop):

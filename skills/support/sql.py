@@ -130,7 +130,9 @@ def check_query(text: Any, dialect: str, allowed: list[str]) -> Query:
 
 def _one_statement(text: str, dialect: str) -> exp.Expr:
     try:
-        statements = [tree for tree in sqlglot.parse(text, read=dialect) if tree is not None]
+        # A comment after the last ';' parses as a Semicolon: not a statement.
+        trees = sqlglot.parse(text, read=dialect)
+        statements = [tree for tree in trees if tree is not None and not isinstance(tree, exp.Semicolon)]
     except sqlglot.errors.SqlglotError as exc:
         raise _refused(f"the query does not parse: {_first_line(exc)}") from exc
     if len(statements) != 1:
@@ -146,20 +148,28 @@ def _check_node(node: exp.Expr, allowed: list[str]) -> None:
     if isinstance(node, exp.Table):
         _check_table(node, allowed)
     if isinstance(node, exp.Func):
-        name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+        name = _function_name(node)
         if DENIED_FUNCTION.match(name):
             raise _refused(f'the function "{name.lower()}" is not allowed')
 
 
 def _check_table(table: exp.Table, allowed: list[str]) -> None:
     if not isinstance(table.this, exp.Identifier):  # a table function: generate_series(...), json_each(...)
-        name = table.this.sql_name() if isinstance(table.this, exp.Func) else table.this.sql()
+        function = table.this
+        name = function.name if isinstance(function, exp.Anonymous) else _function_name(function)
     else:
         name = ".".join(part.name for part in table.parts)
         if not table.db and _is_cte(table):
             return
     if name.lower() not in allowed:
         raise _refused(f'table "{name}" is not allowed (allowed: {", ".join(allowed)})')
+
+
+def _function_name(node: exp.Expr) -> str:
+    """A function's name as written (an unknown one's) or as sqlglot knows it (COUNT, GENERATE_SERIES)."""
+    if isinstance(node, exp.Anonymous):
+        return node.name
+    return node.sql_name() if isinstance(node, exp.Func) else node.sql()
 
 
 def _is_cte(table: exp.Table) -> bool:
