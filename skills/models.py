@@ -30,3 +30,86 @@ class Reservation(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+# --- Demo shop ----------------------------------------------------------------
+# What the ``sql_query`` skill (skills/support/sql.py) reads out of the box:
+# customers, their orders, the items and the payments. Seeded by migration
+# 0003_shop from skills/demo_shop.py; order 1042 was charged twice.
+
+
+class Customer(models.Model):
+    email = models.EmailField(unique=True)
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "shop_customer"
+
+    def __str__(self) -> str:
+        return self.email
+
+
+class Order(models.Model):
+    """An order; its id is the number customers quote ("order 1042")."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        PAID = "paid"
+        SHIPPED = "shipped"
+        DELIVERED = "delivered"
+        CANCELLED = "cancelled"
+        REFUNDED = "refunded"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="orders")
+    status = models.CharField(max_length=20, choices=Status.choices)
+    total = models.DecimalField(max_digits=10, decimal_places=2)
+    currency = models.CharField(max_length=3, default="USD")
+    placed_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "shop_order"
+
+    def __str__(self) -> str:
+        return f"order {self.pk}"
+
+
+class OrderItem(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
+    sku = models.CharField(max_length=40)
+    description = models.CharField(max_length=200)
+    quantity = models.PositiveIntegerField()
+    unit_price = models.DecimalField(max_digits=10, decimal_places=2)
+
+    class Meta:
+        db_table = "shop_orderitem"
+
+    def __str__(self) -> str:
+        return f"{self.quantity} x {self.sku}"
+
+
+class Payment(models.Model):
+    """One charge (or refund, a negative amount) against an order."""
+
+    class Status(models.TextChoices):
+        AUTHORIZED = "authorized"
+        CAPTURED = "captured"
+        FAILED = "failed"
+        REFUNDED = "refunded"
+
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="payments")
+    amount = models.DecimalField(max_digits=10, decimal_places=2)
+    status = models.CharField(max_length=20, choices=Status.choices)
+    method = models.CharField(max_length=20, help_text="card, paypal...")
+    card_last4 = models.CharField(max_length=4, blank=True)
+    reference = models.CharField(max_length=40, unique=True, help_text="The payment provider's id of the charge.")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "shop_payment"
+
+    def __str__(self) -> str:
+        return self.reference
+
+
+# --- End of the demo shop -------------------------------------------------------
