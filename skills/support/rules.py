@@ -24,7 +24,8 @@ RULE_CONFIDENCE = 0.95
 # tone of a message (complaint), which outranks greetings; the model handles the rest.
 SEED_RULES: list[tuple[str, str, int, str]] = [
     (
-        r"\bcharged (me )?(twice|two times|double|three times)\b|\bdouble[- ]charged\b|\bduplicate (charge|payment)s?\b",
+        r"\bcharged (me )?(twice|two times|double|three times)\b"
+        r"|\bdouble[- ]charged\b|\bduplicate (charge|payment)s?\b",
         "billing",
         100,
         "a repeated charge: 'you charged me twice'",
@@ -42,7 +43,8 @@ SEED_RULES: list[tuple[str, str, int, str]] = [
         "a payment that did not go through",
     ),
     (
-        r"\bwhere is my refund\b|\brefund (still )?(hasn'?t|has not|didn'?t|did not|never) (arrived|come|shown up|show up)\b",
+        r"\bwhere is my refund\b"
+        r"|\brefund (still )?(hasn'?t|has not|didn'?t|did not|never) (arrived|come|shown up|show up)\b",
         "billing",
         100,
         "a refund that is late",
@@ -60,7 +62,8 @@ SEED_RULES: list[tuple[str, str, int, str]] = [
         "a password reset",
     ),
     (
-        r"\b(can'?t|cannot|can not|unable to|couldn'?t) (log|sign) ?(in|into|on)\b|\blog ?in (is )?(not working|fails|failed)\b",
+        r"\b(can'?t|cannot|can not|unable to|couldn'?t) (log|sign) ?(in|into|on)\b"
+        r"|\blog ?in (is )?(not working|fails|failed)\b",
         "technical",
         100,
         "a login that fails",
@@ -90,7 +93,8 @@ SEED_RULES: list[tuple[str, str, int, str]] = [
         "the website does not work",
     ),
     (
-        r"\b(worst|terrible|horrible|appalling|disgraceful|pathetic) (customer )?(service|experience|company|support)\b",
+        r"\b(worst|terrible|horrible|appalling|disgraceful|pathetic)"
+        r" (customer )?(service|experience|company|support)\b",
         "complaint",
         80,
         "an angry verdict on the shop",
