@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 
 from orchestration.services import start_run
 from skills.models import IntentRule
@@ -135,6 +137,32 @@ def test_clean_refuses_a_bad_pattern(pattern, problem):
 def test_every_seeded_pattern_is_valid(rules):
     for rule in IntentRule.objects.all():
         rule.full_clean()
+
+
+def test_the_admin_lists_and_finds_rules(rules, admin_client):
+    response = admin_client.get("/admin/skills/intentrule/", {"q": "manager"})
+
+    assert response.status_code == 200
+    assert [rule.intent for rule in response.context["cl"].result_list] == ["complaint"]
+
+
+def test_a_rule_added_in_the_admin_is_used(rules, admin_client):
+    form = {"pattern": r"\bgift receipt\b", "intent": "faq", "priority": 120, "enabled": "on", "note": "asks for one"}
+
+    response = admin_client.post("/admin/skills/intentrule/add/", form)
+
+    assert response.status_code == 302
+    assert classify("Can you put a gift receipt in the box?")["intent_source"] == "rules"
+
+
+def test_the_admin_refuses_an_invalid_pattern(rules, admin_client):
+    form = {"pattern": "(refund", "intent": "billing", "priority": 100, "enabled": "on", "note": ""}
+
+    response = admin_client.post("/admin/skills/intentrule/add/", form)
+
+    assert response.status_code == 200
+    assert "not a valid regular expression" in response.content.decode()
+    assert not IntentRule.objects.filter(pattern="(refund").exists()
 
 
 @pytest.mark.parametrize(("content", "intent"), MODEL_EXAMPLES)
@@ -296,6 +324,14 @@ def test_heldout_accuracy_stays_above_its_floor(rules):
     assert report["n"] >= 120
     assert report["accuracy"] >= 0.75
     assert all(figures["recall"] >= 0.4 for figures in report["per_intent"].values())
+
+
+def test_the_evaluate_intent_command_prints_the_report(rules):
+    out = io.StringIO()
+
+    call_command("evaluate_intent", "--threshold", "0.6", stdout=out)
+
+    assert json.loads(out.getvalue()) == evaluate(heldout_rows(), threshold=0.6)
 
 
 @pytest.mark.worker
