@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import Customer, Effect, Order, OrderItem, Payment
+from .models import Customer, Effect, IntentRule, Order, OrderItem, Payment
 
 
 @admin.register(Effect)
@@ -63,3 +63,14 @@ class PaymentAdmin(ReadOnlyAdmin):
     list_display = ["reference", "order", "amount", "status", "method", "card_last4", "created_at"]
     list_filter = ["status", "method"]
     search_fields = ["reference", "=order__id"]
+
+
+@admin.register(IntentRule)
+class IntentRuleAdmin(admin.ModelAdmin):
+    """The rules classify_intent tries first; a change takes effect at the next message."""
+
+    list_display = ["id", "pattern", "intent", "priority", "enabled", "note"]
+    list_display_links = ["id", "pattern"]
+    list_editable = ["priority", "enabled"]
+    list_filter = ["intent", "enabled"]
+    search_fields = ["pattern", "note"]
