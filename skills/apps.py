@@ -13,7 +13,7 @@ class SkillsConfig(AppConfig):
     def ready(self) -> None:
         # Importing the modules registers their skills and the step task.
         from . import builtin, signals, tasks  # noqa: F401
-        from .support import escalation, orders  # noqa: F401
+        from .support import escalation, knowledge, orders, reply  # noqa: F401
 
         checks.register(check_compensations)
 
