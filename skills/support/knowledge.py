@@ -95,7 +95,7 @@ def _ranked_ids(terms: list[str]) -> list[tuple[int, float]]:
             " FROM skills_article, to_tsquery('english', %s) AS query"
             f" WHERE enabled AND {POSTGRES_VECTOR} @@ query ORDER BY score DESC, id LIMIT %s"
         )
-        params: list[Any] = [" | ".join(terms), CANDIDATES]
+        params: list[Any] = [" | ".join(_distinctive(terms)), CANDIDATES]
     elif connection.vendor == "sqlite":
         weights = ", ".join(str(weight) for weight in SQLITE_WEIGHTS)
         sql = (
@@ -109,6 +109,21 @@ def _ranked_ids(terms: list[str]) -> list[tuple[int, float]]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return [(int(article_id), float(score)) for article_id, score in cursor.fetchall()]
+
+
+def _distinctive(terms: list[str]) -> list[str]:
+    """The terms found in at most half the enabled articles (all terms when none is).
+
+    ts_rank_cd weighs every matching word alike, so a word most articles use
+    ("order") would outrank the rare one that says what the customer wants;
+    bm25 gives such a word almost no weight on SQLite, this drops it here.
+    """
+    filters = ", ".join(f"count(*) FILTER (WHERE {POSTGRES_VECTOR} @@ to_tsquery('english', %s))" for _ in terms)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*), {filters} FROM skills_article WHERE enabled", terms)
+        total, *counts = cursor.fetchone() or (0,)
+    kept = [term for term, count in zip(terms, counts, strict=True) if count <= total / 2]
+    return kept or terms
 
 
 def _boost(article: Article, category: str | None) -> float:
