@@ -100,9 +100,12 @@ def opening(ticket: Ticket) -> str:
 def best_sentences(content: str, articles: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Up to MAX_SENTENCES (slug, sentence) pairs of ``articles`` sharing most words with ``content``.
 
-    Ties go to the higher article, then the earlier sentence; the pairs come
-    in article and text order. When no sentence shares a word, the top
-    article's first sentence (its summary) is taken.
+    A lower article's sentence counts only when it shares at least as many
+    words as the top article's best, and two or more: one common word
+    ("order") would otherwise pull in an off-topic sentence. Ties go to the
+    higher article, then the earlier sentence; the pairs come in article and
+    text order. When no sentence shares a word, the top article's first
+    sentence (its summary) is taken.
     """
     wanted = {_stem(term) for term in query_terms(content)}
     scored = []
@@ -110,7 +113,9 @@ def best_sentences(content: str, articles: list[dict[str, Any]]) -> list[tuple[s
         for position, sentence in enumerate(split_sentences(article["text"])):
             overlap = len(wanted & {_stem(term) for term in query_terms(sentence)})
             scored.append((overlap, rank, position, article["slug"], sentence))
-    best = sorted((c for c in scored if c[0]), key=lambda c: (-c[0], c[1], c[2]))[:MAX_SENTENCES]
+    floor = max([2, *(c[0] for c in scored if c[1] == 0)])
+    relevant = (c for c in scored if c[0] and (c[1] == 0 or c[0] >= floor))
+    best = sorted(relevant, key=lambda c: (-c[0], c[1], c[2]))[:MAX_SENTENCES]
     best = best or scored[:1]
     return [(slug, sentence) for _, _, _, slug, sentence in sorted(best, key=lambda c: (c[1], c[2]))]
 
