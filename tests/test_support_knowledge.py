@@ -138,6 +138,13 @@ def test_a_query_with_nothing_to_search_finds_nothing(seeded):
     assert search_articles("1042 [email] [phone]") == []
 
 
+def test_a_very_long_message_is_searched_by_its_first_words(seeded):
+    message = CHARGED_TWICE + " " + " ".join(f"word{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(500))
+
+    assert len(query_terms(message)) == 64
+    assert slugs(message)[0] == "duplicate-charge"
+
+
 def test_evaluate_counts_hits_and_reciprocal_ranks_within_k():
     rows = [
         {"query": "a", "slugs": ["x"]},  # rank 1

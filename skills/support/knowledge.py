@@ -33,6 +33,7 @@ HELDOUT_FILE = DATA_DIR / "retrieval_heldout.jsonl"
 DEFAULT_K = 3
 MAX_K = 20
 CATEGORY_BOOST = 1.5
+MAX_TERMS = 64  # of a long message, the first distinct words are searched
 CANDIDATES = 50  # ranked by the database before the category boost re-orders them
 # bm25() column weights on SQLite, in the FTS table's column order (title, tags, body).
 SQLITE_WEIGHTS = (8.0, 4.0, 1.0)
@@ -69,10 +70,13 @@ def knowledge_search(ctx: SkillContext, input: Any) -> Any:
 
 
 def query_terms(text: str) -> list[str]:
-    """The words of ``text`` that can find an article: lower case, no stop words, numbers or PII masks; once each."""
+    """The words of ``text`` that can find an article: lower case, no stop words, numbers or PII masks; once each.
+
+    At most MAX_TERMS, the first ones, so a very long message costs a bounded query.
+    """
     words = WORD.findall(MASKED.sub(" ", text.lower()))
     kept = (word.split("'")[0] for word in words if word not in STOP_WORDS)
-    return list(dict.fromkeys(word for word in kept if len(word) > 1 and word not in STOP_WORDS))
+    return list(dict.fromkeys(word for word in kept if len(word) > 1 and word not in STOP_WORDS))[:MAX_TERMS]
 
 
 def search_articles(query: str, k: int = DEFAULT_K, category: str | None = None) -> list[dict[str, Any]]:
