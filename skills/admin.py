@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from .models import Customer, Effect, IntentRule, Order, OrderItem, Payment
+from .models import Article, Customer, Effect, IntentRule, Order, OrderItem, Payment
 
 
 @admin.register(Effect)
@@ -74,3 +74,12 @@ class IntentRuleAdmin(admin.ModelAdmin):
     list_editable = ["priority", "enabled"]
     list_filter = ["intent", "enabled"]
     search_fields = ["pattern", "note"]
+
+
+@admin.register(Article)
+class ArticleAdmin(admin.ModelAdmin):
+    list_display = ["title", "slug", "category", "enabled", "updated_at"]
+    list_filter = ["category", "enabled"]
+    list_editable = ["enabled"]
+    search_fields = ["title", "slug", "tags", "body"]
+    prepopulated_fields = {"slug": ["title"]}

@@ -156,3 +156,45 @@ class IntentRule(models.Model):
 
         if problem := pattern_problem(self.pattern):
             raise ValidationError({"pattern": problem})
+
+
+# --- Knowledge base (skills/support/knowledge.py: the knowledge_search skill) ---
+
+
+class ArticleCategory(models.TextChoices):
+    BILLING = "billing"
+    ORDERS = "orders"
+    SHIPPING = "shipping"
+    RETURNS = "returns"
+    ACCOUNT = "account"
+    TECHNICAL = "technical"
+    PRODUCTS = "products"
+    SALES = "sales"
+    POLICIES = "policies"
+    GENERAL = "general"
+
+
+class Article(models.Model):
+    """A help-centre article that ``knowledge_search`` finds and ``compose_reply`` quotes.
+
+    The full-text index follows every save and delete at once: on SQLite an
+    FTS5 table kept in step by triggers, on PostgreSQL a GIN index over the
+    weighted title/tags/body vector (migration 0005_article).
+    """
+
+    slug = models.SlugField(max_length=100, unique=True)
+    title = models.CharField(max_length=200)
+    category = models.CharField(max_length=20, choices=ArticleCategory.choices, default=ArticleCategory.GENERAL)
+    body = models.TextField(help_text="The answer, as quoted to customers (plain text).")
+    tags = models.CharField(max_length=300, blank=True, help_text="Comma-separated words customers use for this.")
+    enabled = models.BooleanField(default=True, help_text="Disabled articles are never found.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["category", "slug"]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+# --- End of knowledge base ---
