@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery import chain, chord, group
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain, maybe_signature
 
 from .spec import ROOT, Case, PlannedStep, children, node_kind, step_paths, switch_cases
 
@@ -28,6 +28,7 @@ STEP_TASK = "agentsite.run_step"
 SWITCH_TASK = "agentsite.switch"
 FINISH_TASK = "agentsite.finish_run"
 COLLECT_TASK = "agentsite.collect"
+PASS_ON_TASK = "agentsite.pass_on"
 CONTROL_QUEUE = "default"
 
 
@@ -136,6 +137,40 @@ def _route(case: Case, steps: Mapping[str, StepOptions], final: Collection[str])
         "canvas": build_node(case.node, case.path, steps, final),
         "steps": [steps[p].step_id for p in step_paths(case.node, case.path)],
     }
+
+
+def replacement(case: Signature, upstream: Any, joined: bool) -> Signature:
+    """What a switch task is replaced with: its chosen ``case``, given the switch's input.
+
+    ``joined``: the switch is a member of a group or chord header, which
+    waits for the result of the switch's own task id. Task.replace hands that
+    id to the replacement's last task unless it has one, and a step has its
+    own: so a ``pass_on`` task, which has none, ends the case.
+    """
+    given = with_input(case, upstream)
+    if not joined:
+        return given
+    return chain(given, Signature(PASS_ON_TASK, options={"queue": CONTROL_QUEUE}))
+
+
+def with_input(sig: Signature, upstream: Any) -> Signature:
+    """``sig`` with ``upstream`` given to its first task(s), as ``apply_async(args=(upstream,))`` would.
+
+    For a switch's chosen case: ``Task.replace`` publishes the replacement
+    with no arguments (and a chain rebuilt from its dict has none to keep).
+    """
+    if isinstance(sig, _chain):
+        first, *rest = sig.tasks
+        return chain(with_input(_signature(first), upstream), *rest)
+    if isinstance(sig, chord):
+        return chord([with_input(_signature(t), upstream) for t in sig.tasks], sig.body)
+    if isinstance(sig, group):
+        return group([with_input(_signature(t), upstream) for t in sig.tasks])
+    return sig.clone(args=(upstream,))
+
+
+def _signature(member: Any) -> Signature:
+    return cast(Signature, maybe_signature(member))
 
 
 def step_signature(options: StepOptions, finishes_run: bool = False) -> Signature:

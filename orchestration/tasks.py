@@ -48,8 +48,18 @@ def deliver_webhook(delivery_id: int) -> None:
     webhooks.deliver(delivery_id)
 
 
+class SwitchTask(Task):
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A bug (or a database outage beyond its retries): the run fails rather than waiting for nothing."""
+        routes = [*kwargs.get("cases", {}).values(), kwargs.get("default")]
+        steps = [step for route in routes if route for step in route["steps"]]
+        if steps:
+            state.fail_run(state.run_of_step(steps[0]), f"switch {kwargs.get('switch')}: internal error: {exc!r}")
+
+
 @shared_task(
     bind=True,
+    base=SwitchTask,
     name=canvas.SWITCH_TASK,
     acks_late=True,
     soft_time_limit=30,
@@ -81,4 +91,5 @@ def switch(
     untaken = [step for other in routes if other is not route for step in other["steps"]]
     if not state.route_switch(run_id, switch, on, choice.value, choice.case, route["path"], untaken):
         raise Ignore()
-    return self.replace(signature(route["canvas"], app=self.app))
+    case = signature(route["canvas"], app=self.app)
+    return self.replace(canvas.replacement(case, upstream, joined=bool(self.request.group)))
