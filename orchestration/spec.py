@@ -145,7 +145,7 @@ def switch_cases(node: dict[str, Any], path: str) -> list[Case]:
     unknown = sorted(set(switch) - SWITCH_KEYS)
     if unknown:
         raise SpecError(f"{where}.{unknown[0]}", 'unknown switch field (expected "on", "cases", "default")')
-    switch_field(switch["on"], f"{where}.on")
+    _check_field(switch["on"], f"{where}.on")
     cases = switch["cases"]
     if not isinstance(cases, dict):
         raise SpecError(f"{where}.cases", f"expected an object of value: node, got {_json_type(cases)}")
@@ -159,14 +159,12 @@ def switch_cases(node: dict[str, Any], path: str) -> list[Case]:
     return found
 
 
-def switch_field(on: Any, path: str) -> list[str]:
-    """The segments of a switch's ``on`` path ("a.b.0"); raise SpecError unless a non-empty dotted path."""
+def _check_field(on: Any, path: str) -> None:
+    """A switch's ``on`` is a non-empty dotted path ("ticket.route", "items.0.kind")."""
     if not isinstance(on, str) or not on:
         raise SpecError(path, f'expected a field path such as "route" or "ticket.route", got {_json(on)}')
-    segments = on.split(".")
-    if "" in segments:
+    if "" in on.split("."):
         raise SpecError(path, f"a field path has no empty segment, got {_json(on)}")
-    return segments
 
 
 def case_path(switch_path: str, value: str) -> str:

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from orchestration import services
 from orchestration.models import Run
 from orchestration.routing import Choice, choose, field_value, unmatched_error, value_text
-from orchestration.services import start_run
+from orchestration.services import start_run, sweep
 
 from .conftest import wait_for_run, wait_until
 from .test_cancel_replay import active_task_ids, effect_rows
@@ -345,3 +346,37 @@ def test_a_failure_in_a_routed_case_compensates_only_what_ran(worker, user):
         "car": "skipped",
         "compensate/hotel": "succeeded",
     }
+
+
+@pytest.mark.worker
+def test_a_switch_in_a_group_whose_case_is_a_group_keeps_each_list(worker, user):
+    routed = switch("route", {"both": {"group": [echo("x", 1), echo("y", 2)]}, "one": echo("one", 0)})
+    spec = {"chain": [{"group": [routed, echo("side", "side")]}, {"skill": "echo", "id": "after"}]}
+
+    finished = run(user, spec, input={"route": "both"})
+
+    assert (finished.status, finished.output) == ("succeeded", [[1, 2], "side"])
+    assert statuses(finished) == {
+        "x": "succeeded",
+        "y": "succeeded",
+        "one": "skipped",
+        "side": "succeeded",
+        "after": "succeeded",
+    }
+
+
+@pytest.mark.worker
+def test_the_sweeper_publishes_a_lost_run_with_a_switch_that_then_routes(worker, user, settings, monkeypatch):
+    settings.RUN_STALL_AFTER = 1
+    monkeypatch.setattr(services, "enqueue", lambda *args: None)  # the publish is lost
+    spec = {"chain": [effect("a"), switch("route", {"b": effect("b"), "c": effect("c")}), effect("after")]}
+    started = start_run(owner=user, spec=spec, input={"route": "c"})
+    monkeypatch.undo()
+    time.sleep(1.1)
+
+    assert sweep().resumed == [started.pk]
+
+    finished = wait_for_run(started)
+    assert (finished.status, finished.output) == ("succeeded", {"route": "c"})
+    assert statuses(finished) == {"a": "succeeded", "b": "skipped", "c": "succeeded", "after": "succeeded"}
+    assert (effect_rows(finished, "b"), effect_rows(finished, "c")) == (0, 1)
