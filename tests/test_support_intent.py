@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.core.management import call_command
 
 from orchestration.services import start_run
 from skills.models import IntentRule
@@ -324,14 +322,6 @@ def test_heldout_accuracy_stays_above_its_floor(rules):
     assert report["n"] >= 120
     assert report["accuracy"] >= 0.75
     assert all(figures["recall"] >= 0.4 for figures in report["per_intent"].values())
-
-
-def test_the_evaluate_intent_command_prints_the_report(rules):
-    out = io.StringIO()
-
-    call_command("evaluate_intent", "--threshold", "0.6", stdout=out)
-
-    assert json.loads(out.getvalue()) == evaluate(heldout_rows(), threshold=0.6)
 
 
 @pytest.mark.worker
