@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 # The tasks of a run's canvas: each step's outcome is in our own tables.
-CANVAS_TASKS = frozenset({"agentsite.run_step", "agentsite.finish_run", "agentsite.collect"})
+CANVAS_TASKS = frozenset({"agentsite.run_step", "agentsite.finish_run", "agentsite.collect", "agentsite.pass_on"})
 
 
 class ChordSafeDatabaseBackend(DatabaseBackend):

@@ -328,6 +328,17 @@ LLM_API_KEY = env.str("LLM_API_KEY", default="")
 LLM_MODEL = env.str("LLM_MODEL", default="")
 LLM_TIMEOUT = env.float("LLM_TIMEOUT", default=20)
 
+# The sql_query skill (skills/support/sql.py): one read-only SELECT on the DATABASES
+# alias SQL_QUERY_DATABASE, over the tables of SQL_QUERY_TABLES only (the demo
+# shop's by default), stopped after SQL_QUERY_TIMEOUT seconds, at most
+# SQL_QUERY_MAX_ROWS rows kept.
+SQL_QUERY_DATABASE = env.str("SQL_QUERY_DATABASE", default="default")
+SQL_QUERY_TABLES = env.list(
+    "SQL_QUERY_TABLES", default=["shop_customer", "shop_order", "shop_orderitem", "shop_payment"]
+)
+SQL_QUERY_TIMEOUT = env.float("SQL_QUERY_TIMEOUT", default=5)
+SQL_QUERY_MAX_ROWS = env.int("SQL_QUERY_MAX_ROWS", default=100)
+
 # Where people open Flower (the admin links each step's task to it).
 FLOWER_URL = env.str("FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/")
 

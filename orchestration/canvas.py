@@ -5,24 +5,30 @@ the one step task, carrying its own time limits, queue TTL (``expires``),
 queue, task id and retry policy; composites map onto Celery's chain, group
 and chord, so Celery passes the data: a chain hands each output to the next
 node, a group's output is the list of its members' outputs, a chord's body
-receives the list of its header outputs. The run's input is given to
-``apply_async(args=(input,))`` and so reaches the first step(s).
+receives the list of its header outputs. A switch becomes one task
+(``agentsite.switch``, orchestration/tasks.py) that carries the prebuilt
+canvas of each of its cases and, once it has read its input, replaces itself
+(``Task.replace``) with the chosen one, which inherits its place in the
+chain or chord. The run's input is given to ``apply_async(args=(input,))``
+and so reaches the first step(s).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery import chain, chord, group
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain, maybe_signature
 
-from .spec import ROOT, PlannedStep, children, node_kind
+from .spec import ROOT, Case, PlannedStep, children, node_kind, step_paths, switch_cases
 
 STEP_TASK = "agentsite.run_step"
+SWITCH_TASK = "agentsite.switch"
 FINISH_TASK = "agentsite.finish_run"
 COLLECT_TASK = "agentsite.collect"
+PASS_ON_TASK = "agentsite.pass_on"
 CONTROL_QUEUE = "default"
 
 
@@ -64,35 +70,44 @@ def build(spec: dict[str, Any], steps: Mapping[str, StepOptions], run_id: int) -
     """The run's whole canvas.
 
     When the spec ends with a step (it is one, or a chain or chord whose last
-    node ends with one), that step's output is the run's and the step ends
-    the run itself (``finishes_run``): no task of its own to wait for. A spec
-    that ends with a group is followed by ``finish_run``, which joins it.
+    node ends with one, or a switch each of whose cases does), that step's
+    output is the run's and the step ends the run itself (``finishes_run``):
+    no task of its own to wait for. A spec that may end with a group is
+    followed by ``finish_run``, which joins it.
     """
-    final = final_step(spec, ROOT)
+    final = final_steps(spec, ROOT)
     canvas = build_node(spec, ROOT, steps, final)
-    if final is not None:
+    if final:
         return canvas
     return chain(canvas, Signature(FINISH_TASK, kwargs={"run_id": run_id}, options={"queue": CONTROL_QUEUE}))
 
 
-def final_step(node: dict[str, Any], path: str) -> str | None:
-    """The path of the step whose output is the node's output, or None when that is a group's list."""
+def final_steps(node: dict[str, Any], path: str) -> frozenset[str]:
+    """The paths of the steps one of which gives the node its output; empty when it may be a group's list.
+
+    One path, unless the node ends with a switch: then the last step of whichever case runs.
+    """
     kind = node_kind(node, path)
     if kind == "step":
-        return path
+        return frozenset({path})
     if kind == "group":
-        return None
+        return frozenset()
+    if kind == "switch":
+        ends = [final_steps(case.node, case.path) for case in switch_cases(node, path)]
+        return frozenset().union(*ends) if all(ends) else frozenset()
     last_path, last = children(node, path)[-1]  # a chain's last node, a chord's body
-    return final_step(last, last_path)
+    return final_steps(last, last_path)
 
 
 def build_node(
-    node: dict[str, Any], path: str, steps: Mapping[str, StepOptions], final: str | None = None
+    node: dict[str, Any], path: str, steps: Mapping[str, StepOptions], final: Collection[str] = ()
 ) -> Signature:
-    """The node's canvas; the step at path ``final`` (if any) finishes the run."""
+    """The node's canvas; a step whose path is in ``final`` finishes the run."""
     kind = node_kind(node, path)
     if kind == "step":
-        return step_signature(steps[path], finishes_run=path == final)
+        return step_signature(steps[path], finishes_run=path in final)
+    if kind == "switch":
+        return switch_signature(node, path, steps, final)
     members = [build_node(child, child_path, steps, final) for child_path, child in children(node, path)]
     if kind == "chain":
         return chain(*members)
@@ -100,6 +115,62 @@ def build_node(
         return _group([_keep_list(m) for m in members])
     *header, body = members
     return chord([_keep_list(m) for m in header], body)
+
+
+def switch_signature(
+    node: dict[str, Any], path: str, steps: Mapping[str, StepOptions], final: Collection[str] = ()
+) -> Signature:
+    """The switch task, with each case's canvas and the ids of its steps (to skip those of the cases not taken)."""
+    cases = switch_cases(node, path)
+    kwargs = {
+        "switch": path,
+        "on": node["switch"]["on"],
+        "cases": {case.value: _route(case, steps, final) for case in cases if case.value is not None},
+        "default": next((_route(case, steps, final) for case in cases if case.value is None), None),
+    }
+    return Signature(SWITCH_TASK, kwargs=kwargs, options={"queue": CONTROL_QUEUE})
+
+
+def _route(case: Case, steps: Mapping[str, StepOptions], final: Collection[str]) -> dict[str, Any]:
+    return {
+        "path": case.path,
+        "canvas": build_node(case.node, case.path, steps, final),
+        "steps": [steps[p].step_id for p in step_paths(case.node, case.path)],
+    }
+
+
+def replacement(case: Signature, upstream: Any, joined: bool) -> Signature:
+    """What a switch task is replaced with: its chosen ``case``, given the switch's input.
+
+    ``joined``: the switch is a member of a group or chord header, which
+    waits for the result of the switch's own task id. Task.replace hands that
+    id to the replacement's last task unless it has one, and a step has its
+    own: so a ``pass_on`` task, which has none, ends the case.
+    """
+    given = with_input(case, upstream)
+    if not joined:
+        return given
+    return chain(given, Signature(PASS_ON_TASK, options={"queue": CONTROL_QUEUE}))
+
+
+def with_input(sig: Signature, upstream: Any) -> Signature:
+    """``sig`` with ``upstream`` given to its first task(s), as ``apply_async(args=(upstream,))`` would.
+
+    For a switch's chosen case: ``Task.replace`` publishes the replacement
+    with no arguments (and a chain rebuilt from its dict has none to keep).
+    """
+    if isinstance(sig, _chain):
+        first, *rest = sig.tasks
+        return chain(with_input(_signature(first), upstream), *rest)
+    if isinstance(sig, chord):
+        return chord([with_input(_signature(t), upstream) for t in sig.tasks], sig.body)
+    if isinstance(sig, group):
+        return group([with_input(_signature(t), upstream) for t in sig.tasks])
+    return sig.clone(args=(upstream,))
+
+
+def _signature(member: Any) -> Signature:
+    return cast(Signature, maybe_signature(member))
 
 
 def step_signature(options: StepOptions, finishes_run: bool = False) -> Signature:

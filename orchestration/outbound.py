@@ -94,13 +94,15 @@ def fetch(
     timeout: float | None = None,
     max_bytes: int | None = None,
     max_redirects: int | None = None,
+    truncate: bool = False,
 ) -> httpx.Response:
     """GET ``url``, following redirects that pass the same checks; the response, read in full.
 
     ``timeout`` is for the whole exchange, redirects included; the defaults
     are OUTBOUND_TIMEOUT, OUTBOUND_MAX_BYTES and OUTBOUND_MAX_REDIRECTS. Any
-    status is returned (``raise_for_status`` is the caller's). Raises
-    UnsafeURL, TooManyRedirects, ResponseTooLarge or DeadlineExceeded (all
+    status is returned (``raise_for_status`` is the caller's). With
+    ``truncate`` a body past ``max_bytes`` is cut there instead of failing.
+    Raises UnsafeURL, TooManyRedirects, ResponseTooLarge or DeadlineExceeded (all
     OutboundError), or httpx.HTTPError when the call fails (connect,
     protocol, one read or write over the time left).
     """
@@ -111,7 +113,7 @@ def fetch(
     request_headers = dict(headers or {})
     with _client() as client:
         for _ in range(redirects + 1):
-            response = _exchange(client, "GET", target, None, request_headers, deadline, limit, cut=False)
+            response = _exchange(client, "GET", target, None, request_headers, deadline, limit, cut=truncate)
             location = response.headers.get("location")
             if response.status_code not in REDIRECT_STATUSES or not location:
                 return response

@@ -317,7 +317,7 @@ def resume_waiting_run(run: Run, payload: Any, by: str, step_id: int | None = No
     replay: finished steps pass their stored outputs on, so execution goes
     on after the step. Raises Conflict if the run is not waiting.
     """
-    final = canvas.final_step(run.spec, ROOT)
+    final = canvas.final_steps(run.spec, ROOT)
     key = state.resume_waiting(run.pk, payload, by, final, step_id)
     if key is None:
         current = Run.objects.values_list("status", flat=True).get(pk=run.pk)

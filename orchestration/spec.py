@@ -4,6 +4,7 @@ A spec is a tree (see docs/spec.md)::
 
     node  := step | {"chain": [node, ...]} | {"group": [node, ...]}
            | {"chord": {"header": [node, ...], "body": node}}
+           | {"switch": {"on": "field.path", "cases": {"value": node, ...}, "default": node}}
     step  := {"skill": name, "args": {...}, "soft_time_limit": s,
               "time_limit": s, "ttl": s, "retries": n, "optional": bool,
               "id": "step-id"}
@@ -26,13 +27,20 @@ from django.conf import settings
 from skills.registry import Skill, registry
 
 ROOT = "spec"
-COMPOSITES = ("chain", "group", "chord")
+COMPOSITES = ("chain", "group", "chord", "switch")
 STEP_KEYS = frozenset({"skill", "args", "soft_time_limit", "time_limit", "ttl", "retries", "optional", "id"})
 MAX_RETRIES = 10
 # Longest ttl (and any duration) a spec may give: a week. Time limits have
 # their own, lower, per-skill maxima.
 MAX_SECONDS = 7 * 24 * 3600
 STEP_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+SWITCH_KEYS = frozenset({"on", "cases", "default"})
+# A case's value that reads well after a dot in a path (spec...cases.billing); any other is quoted.
+PLAIN_CASE = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_CASE_LENGTH = 100
+# Step.key and Step.path are this long at most: a step without an id is keyed by its path.
+MAX_KEY_LENGTH = 200
+MAX_PATH_LENGTH = 500
 
 
 class SpecError(ValueError):
@@ -80,7 +88,7 @@ def node_kind(node: Any, path: str) -> str:
         return "step"
     kinds = [k for k in COMPOSITES if k in node]
     if len(kinds) != 1 or len(node) != 1:
-        raise SpecError(path, 'expected a step ("skill") or exactly one of "chain", "group", "chord"')
+        raise SpecError(path, 'expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"')
     return kinds[0]
 
 
@@ -97,8 +105,17 @@ def _walk(node: Any, path: str, depth: int, steps: list[PlannedStep]) -> None:
         _walk(child, child_path, depth + 1, steps)
 
 
+def step_paths(node: Any, path: str) -> list[str]:
+    """The paths of the steps in a (validated) node, in spec order."""
+    if node_kind(node, path) == "step":
+        return [path]
+    return [found for child_path, child in children(node, path) for found in step_paths(child, child_path)]
+
+
 def children(node: dict[str, Any], path: str) -> list[tuple[str, Any]]:
-    """The (path, node) pairs directly under a composite node, in order."""
+    """The (path, node) pairs directly under a composite node, in order (a switch: its cases, then default)."""
+    if "switch" in node:
+        return [(case.path, case.node) for case in switch_cases(node, path)]
     if "chord" in node:
         chord = node["chord"]
         where = f"{path}.chord"
@@ -108,6 +125,58 @@ def children(node: dict[str, Any], path: str) -> list[tuple[str, Any]]:
         return [*header, (f"{where}.body", chord["body"])]
     kind = "chain" if "chain" in node else "group"
     return _members(node[kind], f"{path}.{kind}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One way out of a switch: ``value`` (None for the default), its node and that node's path."""
+
+    value: str | None
+    node: Any
+    path: str
+
+
+def switch_cases(node: dict[str, Any], path: str) -> list[Case]:
+    """A switch node's cases in spec order, then its default (if any); raise SpecError if malformed."""
+    switch = node["switch"]
+    where = f"{path}.switch"
+    if not isinstance(switch, dict) or not {"on", "cases"} <= set(switch):
+        raise SpecError(where, 'expected an object with "on", "cases" and optionally "default"')
+    unknown = sorted(set(switch) - SWITCH_KEYS)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}", 'unknown switch field (expected "on", "cases", "default")')
+    _check_field(switch["on"], f"{where}.on")
+    cases = switch["cases"]
+    if not isinstance(cases, dict):
+        raise SpecError(f"{where}.cases", f"expected an object of value: node, got {_json_type(cases)}")
+    if not cases:
+        raise SpecError(f"{where}.cases", "must not be empty")
+    for value in cases:
+        _check_case_value(value, f"{where}.cases")
+    found = [Case(value, case, case_path(where, value)) for value, case in cases.items()]
+    if "default" in switch:
+        found.append(Case(None, switch["default"], f"{where}.default"))
+    return found
+
+
+def _check_field(on: Any, path: str) -> None:
+    """A switch's ``on`` is a non-empty dotted path ("ticket.route", "items.0.kind")."""
+    if not isinstance(on, str) or not on:
+        raise SpecError(path, f'expected a field path such as "route" or "ticket.route", got {_json(on)}')
+    if "" in on.split("."):
+        raise SpecError(path, f"a field path has no empty segment, got {_json(on)}")
+
+
+def case_path(switch_path: str, value: str) -> str:
+    """The path of a switch's case: ``...switch.cases.billing``, or ``...switch.cases["a b"]``."""
+    return f"{switch_path}.cases.{value}" if PLAIN_CASE.match(value) else f"{switch_path}.cases[{json.dumps(value)}]"
+
+
+def _check_case_value(value: str, path: str) -> None:
+    if not value:
+        raise SpecError(path, "a case's value must not be empty")
+    if len(value) > MAX_CASE_LENGTH:
+        raise SpecError(path, f"a case's value is at most {MAX_CASE_LENGTH} characters, got {_json(value)}")
 
 
 def _members(items: Any, path: str) -> list[tuple[str, Any]]:
@@ -197,7 +266,11 @@ def _optional(node: dict[str, Any], path: str, default: bool) -> bool:
 
 
 def _step_key(node: dict[str, Any], path: str) -> str:
+    if len(path) > MAX_PATH_LENGTH:
+        raise SpecError(path[:100] + "...", f"the path of this step is longer than {MAX_PATH_LENGTH} characters")
     if "id" not in node:
+        if len(path) > MAX_KEY_LENGTH:
+            raise SpecError(path, f'a step whose path is longer than {MAX_KEY_LENGTH} characters needs an "id"')
         return path
     value = node["id"]
     if not isinstance(value, str) or not STEP_ID.match(value):

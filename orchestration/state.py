@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -326,14 +327,15 @@ def wait_step(step: StepRef, delivery: str, wait: dict[str, Any]) -> bool:
 
 
 def resume_waiting(
-    run_id: int, payload: Any, by: str, final_path: str | None, step_id: int | None = None
+    run_id: int, payload: Any, by: str, final_paths: Collection[str], step_id: int | None = None
 ) -> str | None:
     """A waiting run's first waiting step (or step ``step_id``) succeeds with ``payload``; its key, or None.
 
     Its run is ``running`` again unless another of its steps still waits, and
     its finished steps may be passed on by the canvas published again (as
-    after a replay). When that step is the spec's last (its path is
-    ``final_path``) the run succeeds with the payload instead. None, changing
+    after a replay). When that step is the spec's last (its path is one of
+    ``final_paths``: a spec ending with a switch has one per case) the run
+    succeeds with the payload instead. None, changing
     nothing, if the run is not waiting (or that step does not wait): of
     concurrent calls exactly one resumes a step (the run's row is locked
     first, then checked).
@@ -366,9 +368,54 @@ def resume_waiting(
         record(run_id, "step.succeeded", step_id, resumed=True)
         record(run_id, "run.resumed", step_id, step=key, by=by)
         metrics.step_finished(skill, StepStatus.SUCCEEDED, started_at, now)
-        if path == final_path:
+        if path in final_paths:
             succeed_run(run_id, output)
     return str(key)
+
+
+def route_switch(
+    run_id: int, switch: str, field: str, value: str | None, case: str | None, path: str, untaken: list[int]
+) -> bool:
+    """A switch sends its input to the case at ``path`` (``case`` its value; None: the default).
+
+    The pending steps of the cases not taken (``untaken``) are skipped, with
+    the error "not routed: <field>=<value>", each with its event; the run
+    gets one ``switch.routed`` event per switch (a canvas published again,
+    after a resume or a replay, routes the same stored input the same way,
+    and changes nothing). False, changing nothing, if the run is not active.
+    """
+    rows = Step.objects.filter(pk__in=untaken, status=StepStatus.PENDING)
+    error = f"not routed: {field}={value}" if value is not None else f"not routed: {field} is missing"
+    with transaction.atomic(savepoint=False):
+        if not _lock_active(run_id):
+            return False
+        if not RunEvent.objects.filter(run_id=run_id, type="switch.routed", data__switch=switch).exists():
+            record(run_id, "switch.routed", switch=switch, field=field, value=value, case=case, path=path)
+        for row in rows.values_list("pk", "run_id", "skill", "started_at", "compensates_id"):
+            _finish_step(StepRef(*row), StepStatus.SKIPPED, error=error)
+    return True
+
+
+def fail_unrouted(run_id: int, switch: str, field: str, value: str | None, error: str) -> bool:
+    """A switch without a default found no case for its input: its run fails with ``error``.
+
+    False, changing nothing, if the run is not active.
+    """
+    with transaction.atomic(savepoint=False):
+        if not _lock_active(run_id):
+            return False
+        record(run_id, "switch.unmatched", switch=switch, field=field, value=value)
+        return fail_run(run_id, error)
+
+
+def run_of_step(step_id: int) -> int:
+    return Step.objects.values_list("run_id", flat=True).get(pk=step_id)
+
+
+def _lock_active(run_id: int) -> bool:
+    """Lock the run's row (until the transaction ends) if it is active; whether it is."""
+    active = Run.objects.select_for_update().filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES)
+    return active.values_list("pk", flat=True).first() is not None
 
 
 def answered_output(wait: dict[str, Any], payload: Any) -> Any:

@@ -424,3 +424,12 @@ def collect(outputs: list[Any]) -> list[Any]:
     or merge a group into its parent group (orchestration/canvas.py).
     """
     return outputs
+
+
+@shared_task(name="agentsite.pass_on", acks_late=True, soft_time_limit=30, time_limit=60)
+def pass_on(output: Any) -> Any:
+    """Returns its input: ends a switch's chosen case where a group or chord waits for the switch's task id.
+
+    (orchestration.canvas.replacement says why.)
+    """
+    return output

@@ -76,13 +76,13 @@ def spec_error(response: Any) -> str:
         pytest.param(
             {"chain": [ECHO], "group": [ECHO]},
             "spec",
-            'expected a step ("skill") or exactly one of "chain", "group", "chord"',
+            'expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"',
             id="two-node-keys",
         ),
         pytest.param(
             {"chain": [{"parallel": [ECHO]}]},
             "spec.chain[0]",
-            'expected a step ("skill") or exactly one of "chain", "group", "chord"',
+            'expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"',
             id="unknown-node-type",
         ),
         pytest.param({}, "spec", 'expected a step ("skill")', id="empty-object"),
@@ -332,3 +332,40 @@ def test_it_rejects_a_ttl_too_large_to_schedule(api, conversation):
     assert response.status_code == 400
     assert response.json()["spec"][0].startswith("spec.ttl: ")
     assert not Run.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "place", "complaint"),
+    [
+        pytest.param(
+            {"chain": [ECHO, ECHO, {"switch": {"on": "route", "cases": []}}]},
+            "spec.chain[2].switch.cases",
+            "expected an object of value: node, got a list",
+            id="switch-cases-not-an-object",
+        ),
+        pytest.param(
+            {"switch": {"on": "route", "cases": {}}}, "spec.switch.cases", "must not be empty", id="switch-no-cases"
+        ),
+        pytest.param(
+            {"switch": {"on": "", "cases": {"a": ECHO}}},
+            "spec.switch.on",
+            'expected a field path such as "route" or "ticket.route", got ""',
+            id="switch-empty-on",
+        ),
+        pytest.param(
+            {"switch": {"on": "route", "cases": {"a": ECHO}, "else": ECHO}},
+            "spec.switch.else",
+            'unknown switch field (expected "on", "cases", "default")',
+            id="switch-unknown-field",
+        ),
+        pytest.param(
+            {"switch": {"on": "route", "cases": {"a": {"skill": "ecko"}}}},
+            "spec.switch.cases.a.skill",
+            'unknown skill "ecko" (did you mean "echo"?)',
+            id="switch-case-unknown-skill",
+        ),
+    ],
+)
+def test_it_rejects_a_bad_switch_naming_the_place(post_spec, spec, place, complaint):
+    assert spec_error(post_spec(spec)) == f"{place}: {complaint}"
+    assert_nothing_written()

@@ -13,7 +13,18 @@ from typing import Any
 import pytest
 from celery import signature
 
-from orchestration.canvas import COLLECT_TASK, FINISH_TASK, STEP_TASK, StepOptions, build, build_node
+from orchestration.canvas import (
+    COLLECT_TASK,
+    FINISH_TASK,
+    PASS_ON_TASK,
+    STEP_TASK,
+    SWITCH_TASK,
+    StepOptions,
+    build,
+    build_node,
+    final_steps,
+    replacement,
+)
 from orchestration.spec import ROOT, plan
 
 ECHO = {"skill": "echo"}
@@ -36,6 +47,10 @@ def shape(sig: Any) -> Any:
         return (sig.task.removeprefix("celery."), [shape(t) for t in sig.tasks])
     if sig.task == "celery.chord":
         return ("chord", [shape(t) for t in sig.tasks], shape(sig.body))
+    if sig.task == SWITCH_TASK:
+        cases = {value: shape(signature(route["canvas"])) for value, route in sig.kwargs["cases"].items()}
+        default = sig.kwargs["default"]
+        return ("switch", cases, shape(signature(default["canvas"])) if default else None)
     return sig.task
 
 
@@ -46,6 +61,9 @@ def steps_in(sig: Any) -> list[Any]:
     if sig.task in ("celery.chain", "celery.group", "celery.chord"):
         found = [s for t in sig.tasks for s in steps_in(t)]
         return found + steps_in(sig.body) if sig.task == "celery.chord" else found
+    if sig.task == SWITCH_TASK:
+        routes = [*sig.kwargs["cases"].values(), *([sig.kwargs["default"]] if sig.kwargs["default"] else [])]
+        return [s for route in routes for s in steps_in(signature(route["canvas"]))]
     return []
 
 
@@ -257,3 +275,91 @@ def test_the_builder_needs_no_database():
     with pytest.raises(RuntimeError, match="Database access not allowed"):
         User.objects.exists()
     assert shape(node(ECHO)) == 1
+
+
+SWITCH = {
+    "switch": {
+        "on": "ticket.route",
+        "cases": {"billing": ECHO, "faq": {"chain": [ECHO, ECHO]}},
+        "default": {"group": [ECHO, ECHO]},
+    }
+}
+
+
+def test_a_switch_is_one_task_carrying_each_cases_canvas_and_step_ids():
+    sig: Any = node({"chain": [ECHO, SWITCH, ECHO]})
+
+    assert shape(sig) == (
+        "chain",
+        [1, ("switch", {"billing": 2, "faq": ("chain", [3, 4])}, ("group", [5, 6])), 7],
+    )
+    switch = sig.tasks[1]
+    assert switch.options == {"queue": "default"}
+    assert (switch.kwargs["switch"], switch.kwargs["on"]) == ("spec.chain[1]", "ticket.route")
+    routes = {value: (r["path"], r["steps"]) for value, r in switch.kwargs["cases"].items()}
+    assert routes == {
+        "billing": ("spec.chain[1].switch.cases.billing", [2]),
+        "faq": ("spec.chain[1].switch.cases.faq", [3, 4]),
+    }
+    assert (switch.kwargs["default"]["path"], switch.kwargs["default"]["steps"]) == (
+        "spec.chain[1].switch.default",
+        [5, 6],
+    )
+
+
+def test_a_switch_in_a_chord_header_is_a_member_like_any_node():
+    spec = {"chord": {"header": [SWITCH, ECHO], "body": ECHO}}
+
+    assert shape(node(spec)) == (
+        "chord",
+        [("switch", {"billing": 1, "faq": ("chain", [2, 3])}, ("group", [4, 5])), 6],
+        7,
+    )
+
+
+def test_when_the_spec_ends_with_a_switch_the_last_step_of_each_case_finishes_the_run():
+    spec = {"chain": [ECHO, {"switch": {"on": "route", "cases": {"a": ECHO, "b": {"chain": [ECHO, ECHO]}}}}]}
+
+    sig: Any = build(spec, options_for(spec), run_id=4)
+
+    assert shape(sig) == ("chain", [1, ("switch", {"a": 2, "b": ("chain", [3, 4])}, None)])
+    assert [s.kwargs.get("finishes_run", False) for s in steps_in(sig)] == [False, True, False, True]
+    assert final_steps(spec, "spec") == {"spec.chain[1].switch.cases.a", "spec.chain[1].switch.cases.b.chain[1]"}
+
+
+def test_a_switch_with_a_case_ending_in_a_group_is_finished_by_finish_run():
+    sig: Any = build(SWITCH, options_for(SWITCH), run_id=8)
+
+    assert shape(sig) == (
+        "chain",
+        [("switch", {"billing": 1, "faq": ("chain", [2, 3])}, ("group", [4, 5])), FINISH_TASK],
+    )
+    assert not any(s.kwargs.get("finishes_run") for s in steps_in(sig))
+
+
+def test_a_switch_survives_a_json_round_trip():
+    sig: Any = build({"chain": [ECHO, SWITCH]}, options_for({"chain": [ECHO, SWITCH]}), run_id=9)
+
+    again = signature(json.loads(json.dumps(sig)))
+
+    assert shape(again) == shape(sig)
+    assert [s.options for s in steps_in(again)] == [s.options for s in steps_in(sig)]
+
+
+def test_the_chosen_case_is_given_the_switchs_input():
+    case = signature(json.loads(json.dumps(node({"chain": [ECHO, ECHO]}))))
+
+    given: Any = replacement(case, {"route": "faq"}, joined=False)
+
+    assert shape(given) == ("chain", [1, 2])
+    assert [tuple(t.args) for t in given.tasks] == [({"route": "faq"},), ()]
+
+
+def test_a_case_in_a_group_ends_with_pass_on_to_carry_the_switchs_task_id():
+    case = signature(json.loads(json.dumps(node({"group": [ECHO, ECHO]}))))
+
+    given: Any = replacement(case, "in", joined=True)
+
+    assert shape(given) == ("chord", [1, 2], PASS_ON_TASK)
+    assert [t.args for t in given.tasks] == [("in",), ("in",)]
+    assert "task_id" not in given.body.options

@@ -150,15 +150,15 @@ def test_it_rejects_empty_composites(spec, error):
         (None, "spec: expected an object, got null"),
         ([ECHO], "spec: expected an object, got a list"),
         ({"chain": [ECHO, "echo"]}, "spec.chain[1]: expected an object, got a string"),
-        ({}, 'spec: expected a step ("skill") or exactly one of "chain", "group", "chord"'),
-        ({"pipeline": [ECHO]}, 'spec: expected a step ("skill") or exactly one of "chain", "group", "chord"'),
+        ({}, 'spec: expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"'),
+        ({"pipeline": [ECHO]}, 'spec: expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"'),
         (
             {"chain": [ECHO], "group": [ECHO]},
-            'spec: expected a step ("skill") or exactly one of "chain", "group", "chord"',
+            'spec: expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"',
         ),
         (
             {"chain": [ECHO], "id": "x"},
-            'spec: expected a step ("skill") or exactly one of "chain", "group", "chord"',
+            'spec: expected a step ("skill") or exactly one of "chain", "group", "chord", "switch"',
         ),
         ({"chain": ECHO}, "spec.chain: expected a list of nodes, got an object"),
         ({"group": "echo"}, "spec.group: expected a list of nodes, got a string"),
@@ -283,3 +283,96 @@ def test_errors_name_their_place_deep_in_the_tree():
     }
 
     assert error_of(spec) == "spec.chain[1].group[1].chord.header[1].args: must be a JSON object, got a number"
+
+
+# --- switch ----------------------------------------------------------------------------
+
+
+def switch(cases: Any, on: Any = "route", **more: Any) -> dict[str, Any]:
+    return {"switch": {"on": on, "cases": cases, **more}}
+
+
+def test_a_switch_plans_the_steps_of_every_case_then_its_default():
+    spec = {"chain": [ECHO, switch({"billing": ECHO, "a b": {"chain": [ECHO, ECHO]}}, default=ECHO)]}
+
+    assert [s.path for s in plan(spec)] == [
+        "spec.chain[0]",
+        "spec.chain[1].switch.cases.billing",
+        'spec.chain[1].switch.cases["a b"].chain[0]',
+        'spec.chain[1].switch.cases["a b"].chain[1]',
+        "spec.chain[1].switch.default",
+    ]
+
+
+def test_a_switch_may_be_nested_and_read_a_dotted_path():
+    inner = switch({"high": ECHO, "low": ECHO}, on="ticket.urgency")
+
+    assert [s.path for s in plan(switch({"1": inner}, on="items.0.n"))] == [
+        "spec.switch.cases.1.switch.cases.high",
+        "spec.switch.cases.1.switch.cases.low",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ({"switch": []}, 'spec.switch: expected an object with "on", "cases" and optionally "default"'),
+        ({"switch": {"on": "route"}}, 'spec.switch: expected an object with "on", "cases" and optionally "default"'),
+        (
+            {"switch": {"cases": {"a": ECHO}}},
+            'spec.switch: expected an object with "on", "cases" and optionally "default"',
+        ),
+        (
+            switch({"a": ECHO}, otherwise=ECHO),
+            'spec.switch.otherwise: unknown switch field (expected "on", "cases", "default")',
+        ),
+        (switch({"a": ECHO}, on=""), 'spec.switch.on: expected a field path such as "route" or "ticket.route", got ""'),
+        (switch({"a": ECHO}, on=3), 'spec.switch.on: expected a field path such as "route" or "ticket.route", got 3'),
+        (switch({"a": ECHO}, on="a..b"), 'spec.switch.on: a field path has no empty segment, got "a..b"'),
+        (switch([ECHO]), "spec.switch.cases: expected an object of value: node, got a list"),
+        (switch({}), "spec.switch.cases: must not be empty"),
+        (switch({"": ECHO}), "spec.switch.cases: a case's value must not be empty"),
+        (switch({"a": "echo"}), "spec.switch.cases.a: expected an object, got a string"),
+        (switch({"a": ECHO}, default=[ECHO]), "spec.switch.default: expected an object, got a list"),
+        (switch({"a": {"skill": "serch"}}), 'spec.switch.cases.a.skill: unknown skill "serch"'),
+        (
+            {"chain": [ECHO, ECHO, switch({"a": ECHO}, default={"skill": "nope"})]},
+            'spec.chain[2].switch.default.skill: unknown skill "nope"',
+        ),
+    ],
+)
+def test_it_rejects_malformed_switches(spec, error):
+    assert error_of(spec) == error
+
+
+def test_it_rejects_a_case_value_longer_than_100_characters():
+    assert error_of(switch({"x" * 101: ECHO})).startswith("spec.switch.cases: a case's value is at most 100 characters")
+
+
+def test_step_ids_are_unique_across_all_cases():
+    spec = switch({"a": {"skill": "echo", "id": "reply"}}, default={"skill": "echo", "id": "reply"})
+
+    assert error_of(spec) == 'spec.switch.default.id: duplicate step id "reply"'
+
+
+def test_the_step_limit_counts_the_steps_of_every_case():
+    half = settings.SPEC_MAX_STEPS // 2
+    spec = switch({"a": {"group": [ECHO] * half}, "b": {"group": [ECHO] * half}}, default=ECHO)
+
+    assert error_of(spec) == f"spec.switch.default: more than {settings.SPEC_MAX_STEPS} steps"
+
+
+def test_the_depth_limit_counts_a_switch_as_a_level():
+    depth = settings.SPEC_MAX_DEPTH
+    spec = nested(depth - 1, switch({"a": ECHO}))
+    path = "spec" + ".chain[0]" * (depth - 1) + ".switch.cases.a"
+
+    assert error_of(spec) == f"{path}: nested deeper than {depth} levels"
+
+
+def test_a_step_whose_path_is_too_long_for_a_key_needs_an_id():
+    value = "v" * 100
+    spec = switch({value: switch({value: ECHO})})
+
+    assert error_of(spec).endswith('a step whose path is longer than 200 characters needs an "id"')
+    assert len(plan(switch({value: switch({value: {"skill": "echo", "id": "deep"}})}))) == 1
