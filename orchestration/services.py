@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from agentsite import telemetry
 from agentsite.celery import app
 from skills.budget import Deadline
+from skills.support import pii
 
 from . import canvas, double_texting, metrics, state, webhooks
 from .models import (
@@ -127,19 +128,43 @@ def post_message(
     deadline: float | None = None,
     webhook_url: str = "",
 ) -> tuple[Message, double_texting.Admission]:
-    """Store a user message and start the run that answers it (under ``on_active``, as start_conversation_run)."""
+    """Store a user message and start the run that answers it (under ``on_active``, as start_conversation_run).
+
+    When the run's first step is ``mask_pii`` the message is masked here,
+    before it is stored anywhere: the Message row and the run's input hold
+    the masked content, and the input's ``pii`` counts what was masked.
+    """
+    input = masked_at_intake(spec, {"content": content, "conversation_id": conversation.pk})
     with transaction.atomic():
         run, admission = start_conversation_run(
             conversation=conversation,
             on_active=on_active,
             spec=spec,
-            input={"content": content, "conversation_id": conversation.pk},
+            input=input,
             workflow=workflow,
             deadline=deadline,
             webhook_url=webhook_url,
         )
-        message = Message.objects.create(conversation=conversation, role=MessageRole.USER, content=content, run=run)
+        message = Message.objects.create(
+            conversation=conversation, role=MessageRole.USER, content=input["content"], run=run
+        )
     return message, admission
+
+
+def first_skill(node: Any) -> str | None:
+    """The skill of the step that runs before any other in ``node`` (a chain's first, however nested), if one does."""
+    if isinstance(node, dict) and isinstance(node.get("skill"), str):
+        return str(node["skill"])
+    if isinstance(node, dict) and isinstance(node.get("chain"), list) and node["chain"]:
+        return first_skill(node["chain"][0])
+    return None  # a group's or chord's members start together: none of them runs first
+
+
+def masked_at_intake(spec: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """``input`` masked as its run's first step, ``mask_pii``, would mask it; as it is otherwise."""
+    if first_skill(spec) != "mask_pii":
+        return input
+    return pii.masked_ticket(input)
 
 
 def workflows_of(owner: Any) -> QuerySet[Workflow]:

@@ -13,7 +13,7 @@ class SkillsConfig(AppConfig):
     def ready(self) -> None:
         # Importing the modules registers their skills and the step task.
         from . import builtin, signals, tasks  # noqa: F401
-        from .support import escalation, intent, knowledge, orders, reply, sql, web  # noqa: F401
+        from .support import escalation, intent, knowledge, orders, pii, quality, reply, sentiment, sql, web  # noqa: F401
 
         checks.register(check_compensations)
 
