@@ -93,27 +93,26 @@ def test_the_readme_example_gets_a_reply_citing_the_billing_article(worker, api,
     assert "jane@example.com" not in json.dumps([run.input, run.output, [s.output for s in steps.values()]])
 
 
-# One message per intent, as a customer writes it, and the article its answer must rest on.
+# One message per intent, as a customer writes it, and the articles its answer may rest on
+# (the two databases rank close articles in a different order).
 ANSWERED = [
-    ("billing", "Why do I see two identical payments on my card statement for the same order?", "duplicate-charge"),
-    ("technical", "I forgot my password and the reset email never arrives", None),
-    ("faq", "How long does standard delivery take?", None),
-    ("sales", "Do you offer a discount if I buy 50 units for my company?", None),
-    ("general", "Hello, are you open on weekends?", None),
+    ("billing", "My card shows the same payment twice for one order", {"duplicate-charge"}),
+    ("technical", "I forgot my password and the reset email never arrives", {"password-reset"}),
+    ("faq", "How long does standard delivery take?", {"shipping-times"}),
+    ("sales", "Do you offer a discount if I buy 50 units for my company?", {"discount-codes", "business-accounts"}),
+    ("general", "Hello, are you open on weekends?", {"contact-hours"}),
 ]
 
 
 @pytest.mark.worker
-@pytest.mark.parametrize(("intent", "content", "article"), ANSWERED)
-def test_each_intent_gets_a_grounded_offline_reply(worker, api, support, intent, content, article):
+@pytest.mark.parametrize(("intent", "content", "articles"), ANSWERED)
+def test_each_intent_gets_a_grounded_offline_reply(worker, api, support, intent, content, articles):
     run = wait_for_run(ask(api, content), timeout=60)
 
     ticket = ticket_of(run)
     assert ticket["intent"] == intent
     assert ticket["reply_source"] == "offline"
-    assert ticket["cited"], ticket["reply"]
-    if article:
-        assert ticket["cited"][0] == article
+    assert ticket["cited"][0] in articles, ticket["reply"]
     assert ticket["reply"].splitlines()[-1].startswith("Sources: ")
     assert ticket["quality"]["grounding"] >= 0.5, ticket["quality"]
     assert steps_by_key(run)[f"{intent}.reply"].status == "succeeded"
