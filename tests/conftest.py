@@ -34,6 +34,7 @@ from orchestration.models import ACTIVE_RUN_STATUSES, Run
 from orchestration.services import cancel_run
 
 from .factories import UserFactory, token_for
+from .llm_server import FakeLLM, serving
 from .otlp import OtlpReceiver
 from .sentry_receiver import SentryReceiver
 
@@ -224,3 +225,14 @@ def staff_api(staff_user: Any) -> APIClient:
 @pytest.fixture
 def anon() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture
+def fake_llm(settings: Any) -> Iterator[FakeLLM]:
+    """A local OpenAI-compatible chat-completions server, and settings that point this process's LLM client at it."""
+    with serving() as server:
+        settings.LLM_BASE_URL = server.base_url
+        settings.LLM_MODEL = "fake-model"
+        settings.LLM_API_KEY = "sk-test"
+        settings.LLM_TIMEOUT = 5
+        yield server

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from skills.registry import SkillContext
 from skills.support import llm
 
-from .llm_server import FakeLLM, Reply, serving
+from .llm_server import FakeLLM, Reply
 
 
 def context(soft_time_limit: float | None = 30, **overrides: Any) -> SkillContext:
@@ -28,22 +27,12 @@ def context(soft_time_limit: float | None = 30, **overrides: Any) -> SkillContex
     )
 
 
-@pytest.fixture
-def fake(settings: Any) -> Iterator[FakeLLM]:
-    with serving() as server:
-        settings.LLM_BASE_URL = server.base_url
-        settings.LLM_MODEL = "fake-model"
-        settings.LLM_API_KEY = "sk-test"
-        settings.LLM_TIMEOUT = 5
-        yield server
-
-
-def test_a_completion_carries_the_model_the_key_and_the_idempotency_key(fake: FakeLLM) -> None:
+def test_a_completion_carries_the_model_the_key_and_the_idempotency_key(fake_llm: FakeLLM) -> None:
     completion = llm.chat(context(), [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
 
     assert completion.text == "hi"
     assert completion.model == "fake-model"
-    [request] = fake.requests
+    [request] = fake_llm.requests
     assert request.path == "/v1/chat/completions"
     assert request.body["model"] == "fake-model"
     assert request.body["messages"][0] == {"role": "system", "content": "be brief"}
@@ -60,21 +49,21 @@ def test_without_configuration_it_refuses_without_calling(settings: Any) -> None
 
 
 @pytest.mark.parametrize(("status", "transient"), [(429, True), (503, True), (400, False), (401, False)])
-def test_an_error_status_says_whether_a_retry_may_help(fake: FakeLLM, status: int, transient: bool) -> None:
-    fake.script(Reply(status=status))
+def test_an_error_status_says_whether_a_retry_may_help(fake_llm: FakeLLM, status: int, transient: bool) -> None:
+    fake_llm.script(Reply(status=status))
     with pytest.raises(llm.LLMError, match=f"HTTP {status}") as raised:
         llm.chat(context(), [{"role": "user", "content": "hi"}])
     assert raised.value.transient is transient
 
 
-def test_a_body_that_is_not_a_completion_is_refused(fake: FakeLLM) -> None:
-    fake.script(Reply(raw=b'{"choices": []}'))
+def test_a_body_that_is_not_a_completion_is_refused(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(raw=b'{"choices": []}'))
     with pytest.raises(llm.LLMError, match="not a chat completion"):
         llm.chat(context(), [{"role": "user", "content": "hi"}])
 
 
-def test_the_call_ends_a_margin_before_the_steps_soft_limit(fake: FakeLLM) -> None:
-    fake.script(Reply(delay=5))
+def test_the_call_ends_a_margin_before_the_steps_soft_limit(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Reply(delay=5))
     started = time.monotonic()
     with pytest.raises(llm.LLMError, match="did not answer within") as raised:
         llm.chat(context(soft_time_limit=2.5), [{"role": "user", "content": "hi"}])
@@ -83,7 +72,7 @@ def test_the_call_ends_a_margin_before_the_steps_soft_limit(fake: FakeLLM) -> No
     assert 1.0 < elapsed < 2.2  # 2.5 s soft limit less the 1 s margin
 
 
-def test_with_no_time_left_it_does_not_call(fake: FakeLLM) -> None:
+def test_with_no_time_left_it_does_not_call(fake_llm: FakeLLM) -> None:
     with pytest.raises(llm.LLMError, match="no time left"):
         llm.chat(context(soft_time_limit=0.5), [{"role": "user", "content": "hi"}])
-    assert fake.requests == []
+    assert fake_llm.requests == []

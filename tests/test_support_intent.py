@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,15 +44,6 @@ def classify(content: str, **args: Any) -> dict[str, Any]:
 def rules(db: None) -> None:
     """The seeded rules (a flushed database has lost those of the migration)."""
     seed_rules(IntentRule)
-
-
-@pytest.fixture
-def fake_llm(settings: Any) -> Iterator[FakeLLM]:
-    with serving() as server:
-        settings.LLM_BASE_URL = server.base_url
-        settings.LLM_MODEL = "fake-model"
-        settings.LLM_TIMEOUT = 5
-        yield server
 
 
 def answering(intent: str, confidence: float) -> FakeLLM:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,15 +58,6 @@ def body_of(reply: str) -> str:
 @pytest.fixture
 def offline(settings: Any) -> None:
     settings.LLM_BASE_URL = ""
-
-
-@pytest.fixture
-def fake(settings: Any) -> Iterator[FakeLLM]:
-    with serving() as server:
-        settings.LLM_BASE_URL = server.base_url
-        settings.LLM_MODEL = "fake-model"
-        settings.LLM_TIMEOUT = 5
-        yield server
 
 
 @pytest.mark.parametrize("intent", ["billing", "technical", "complaint", "sales", "faq", "general"])
@@ -133,8 +123,8 @@ def test_articles_that_are_not_articles_are_refused(offline, articles):
 
 
 @pytest.mark.django_db
-def test_the_llm_is_given_the_history_the_intent_and_the_articles(fake):
-    fake.answer = lambda body: "Sorry! The duplicate is refunded in full [duplicate-charge].\nSources: made up"
+def test_the_llm_is_given_the_history_the_intent_and_the_articles(fake_llm):
+    fake_llm.answer = lambda body: "Sorry! The duplicate is refunded in full [duplicate-charge].\nSources: made up"
     conversation = ConversationFactory.create()
     MessageFactory(conversation=conversation, role="user", content="Hello, a question about my order")
     MessageFactory(conversation=conversation, role="assistant", content="Of course, what is the order number?")
@@ -148,7 +138,7 @@ def test_the_llm_is_given_the_history_the_intent_and_the_articles(fake):
         "Sorry! The duplicate is refunded in full [duplicate-charge].\n\n"
         "Sources: Charged twice for one order (duplicate-charge)"
     )
-    [request] = fake.requests
+    [request] = fake_llm.requests
     system, user = request.body["messages"]
     assert system["role"] == "system"
     assert "slug" in system["content"]
@@ -161,8 +151,8 @@ def test_the_llm_is_given_the_history_the_intent_and_the_articles(fake):
     assert prompt.endswith(f"Customer's message:\n{CHARGED_TWICE}")
 
 
-def test_an_llm_answer_that_names_no_article_cites_all_it_was_given(fake):
-    fake.answer = lambda body: "Your duplicate charge will be refunded."
+def test_an_llm_answer_that_names_no_article_cites_all_it_was_given(fake_llm):
+    fake_llm.answer = lambda body: "Your duplicate charge will be refunded."
 
     out = compose_reply(context(), ticket())
 
@@ -181,8 +171,8 @@ def test_an_llm_answer_that_names_no_article_cites_all_it_was_given(fake):
         (Reply(delay=5), 2.5, "the LLM did not answer within"),
     ],
 )
-def test_when_the_llm_fails_the_reply_is_written_offline(fake, script, soft_time_limit, error):
-    fake.script(script)
+def test_when_the_llm_fails_the_reply_is_written_offline(fake_llm, script, soft_time_limit, error):
+    fake_llm.script(script)
 
     out = compose_reply(context(soft_time_limit=soft_time_limit), ticket())
 
@@ -192,10 +182,10 @@ def test_when_the_llm_fails_the_reply_is_written_offline(fake, script, soft_time
     assert out["cited"][0] == "duplicate-charge"
 
 
-def test_without_articles_the_llm_is_not_asked(fake):
+def test_without_articles_the_llm_is_not_asked(fake_llm):
     out = compose_reply(context(), ticket(articles=[]))
 
-    assert fake.requests == []
+    assert fake_llm.requests == []
     assert NO_ARTICLES in out["reply"]
 
 
@@ -245,9 +235,9 @@ def test_a_worker_with_an_llm_replies_from_the_prompt_it_built(worker: Worker, u
     conversation = ConversationFactory.create(owner=user)
     MessageFactory(conversation=conversation, role="user", content="My last order was fine, this one is not.")
     input = {"content": CHARGED_TWICE, "conversation_id": conversation.pk, "intent": "billing"}
-    fake = FakeLLM(answer=lambda body: "We refund the second charge in full [duplicate-charge].")
+    llm = FakeLLM(answer=lambda body: "We refund the second charge in full [duplicate-charge].")
 
-    with serving(fake), worker_instead(worker, "llm", {"LLM_BASE_URL": fake.base_url, "LLM_MODEL": "fake-model"}):
+    with serving(llm), worker_instead(worker, "llm", {"LLM_BASE_URL": llm.base_url, "LLM_MODEL": "fake-model"}):
         run = wait_for_run(start_run(owner=user, spec=CHORD, input=input, conversation=conversation))
 
     assert run.status == "succeeded", run.error
@@ -255,7 +245,7 @@ def test_a_worker_with_an_llm_replies_from_the_prompt_it_built(worker: Worker, u
     assert output["reply_source"] == "llm"
     assert output["cited"] == ["duplicate-charge"]
     assert output["reply"].endswith("\n\nSources: Charged twice for one order (duplicate-charge)")
-    [request] = fake.requests
+    [request] = llm.requests
     prompt = request.body["messages"][1]["content"]
     assert "user: My last order was fine, this one is not." in prompt
     assert "Intent: billing" in prompt
