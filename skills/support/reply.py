@@ -22,6 +22,7 @@ from skills.registry import SkillContext, SkillError, skill
 
 from . import llm
 from .knowledge import query_terms
+from .text import stem
 from .ticket import Ticket, content_of, ticket_of
 
 HISTORY_MESSAGES = 6  # the conversation's last messages the LLM sees
@@ -107,11 +108,11 @@ def best_sentences(content: str, articles: list[dict[str, Any]]) -> list[tuple[s
     text order. When no sentence shares a word, the top article's first
     sentence (its summary) is taken.
     """
-    wanted = {_stem(term) for term in query_terms(content)}
+    wanted = {stem(term) for term in query_terms(content)}
     scored = []
     for rank, article in enumerate(articles):
         for position, sentence in enumerate(split_sentences(article["text"])):
-            overlap = len(wanted & {_stem(term) for term in query_terms(sentence)})
+            overlap = len(wanted & {stem(term) for term in query_terms(sentence)})
             scored.append((overlap, rank, position, article["slug"], sentence))
     floor = max([2, *(c[0] for c in scored if c[1] == 0)])
     relevant = (c for c in scored if c[0] and (c[1] == 0 or c[0] >= floor))
@@ -176,11 +177,3 @@ def _is_article(article: Any) -> bool:
 
 def _slugs(articles: list[dict[str, Any]]) -> list[str]:
     return [article["slug"] for article in articles]
-
-
-def _stem(word: str) -> str:
-    """A crude stem, enough to match "charged" with "charge" and "refunds" with "refund"."""
-    for suffix in ("ing", "ed", "es", "s", "e"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            return word[: -len(suffix)]
-    return word

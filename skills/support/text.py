@@ -25,8 +25,8 @@ def words(text: str) -> list[str]:
 
 
 def stem(word: str) -> str:
-    """A crude suffix strip, enough to match "refunds"/"refunded"/"refunding" with "refund"."""
-    for suffix in ("ing", "ed", "es", "s", "'s"):
+    """A crude suffix strip, enough to match "refunds"/"refunded"/"refunding" with "refund", "charged" with "charge"."""
+    for suffix in ("ing", "ed", "es", "s", "'s", "e"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
             return word[: -len(suffix)]
     return word
