@@ -20,7 +20,7 @@ from celery.signals import (
 )
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from agentsite import telemetry
+from agentsite import broker, telemetry
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentsite.settings")
 
@@ -29,6 +29,7 @@ DELIVERY_HEADER = "agentsite_delivery"
 # The message header that says when it was published (Unix time), for /metrics.
 PUBLISHED_HEADER = "agentsite_published"
 
+broker.use_for_redis_urls()
 app = Celery("agentsite")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()

@@ -20,7 +20,12 @@ from celery.canvas import Signature
 QUEUE = "bench-raw"
 REDIS_URL = os.environ.get("BENCH_RAW_REDIS_URL", "redis://127.0.0.1:6379/12")
 
-app = Celery("bench-raw", broker=REDIS_URL, backend=REDIS_URL)
+# Not the current app: a process that loads agentsite too (the bench, the tests)
+# keeps publishing agentsite's canvases through agentsite's app.
+app = Celery("bench-raw", broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
+# kombu's own Redis transport, not agentsite's (agentsite/broker.py), also when
+# the bench process that imports this has loaded agentsite.
+app.conf.broker_transport = "kombu.transport.redis:Transport"
 app.conf.update(task_default_queue=QUEUE, worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
 
 
