@@ -180,6 +180,11 @@ def step_signature(options: StepOptions, finishes_run: bool = False) -> Signatur
         "queue": options.queue,
         "soft_time_limit": options.soft_time_limit,
         "time_limit": options.time_limit,
+        # What logs, task events and Flower show for the arguments. Celery would
+        # repr them for every message (83% of building one, with cProfile); the
+        # input may carry a user's personal data, and the step's row has it all.
+        "argsrepr": "(the step's input)",
+        "kwargsrepr": f"{{'step_id': {options.step_id}}}",
     }
     if options.ttl is not None:
         call_options["expires"] = options.ttl

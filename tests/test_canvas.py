@@ -89,8 +89,18 @@ def test_a_step_becomes_a_run_step_signature_with_its_own_limits_and_retry_polic
         "queue": "default",
         "soft_time_limit": 2.0,
         "time_limit": 3.0,
+        "argsrepr": "(the step's input)",
+        "kwargsrepr": "{'step_id': 1}",
         "expires": 30.0,
     }
+
+
+def test_a_steps_message_names_its_step_but_does_not_repeat_its_input():
+    """Logs, task events and Flower show the arguments' repr: no user content there, and no repr to build."""
+    sig = node({"skill": "echo", "args": {"value": "jane@example.com"}})
+
+    assert sig.options["argsrepr"] == "(the step's input)"
+    assert sig.options["kwargsrepr"] == "{'step_id': 1}"
 
 
 def test_a_step_without_ttl_has_no_expiry():
