@@ -73,7 +73,9 @@ def start_run(
     """
     planned = plan(spec)
     seconds = deadline or (workflow.deadline if workflow else None) or settings.RUN_DEFAULT_DEADLINE
-    with transaction.atomic():
+    # No savepoint inside a caller's transaction (two round trips): nothing
+    # catches an error of this block and goes on with that transaction.
+    with transaction.atomic(savepoint=False):
         run = Run.objects.create(
             owner=owner,
             conversation=conversation,

@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from orchestration.models import Run, RunStatus
 
+from .conftest import wait_for_run
 from .factories import ConversationFactory, MessageFactory, RunFactory, StepFactory, WorkflowFactory
 
 pytestmark = pytest.mark.django_db
@@ -156,3 +159,21 @@ def test_the_message_list_makes_four_queries(reader, user, size, django_assert_n
 
     assert len(data["results"]) == size
     assert all(m["run"] for m in data["results"])
+
+
+# --- POST /api/conversations/{id}/runs/ ---------------------------------------------
+
+
+def test_starting_a_run_sets_no_savepoint(api, user, worker):
+    """The run's rows go into the request's one transaction, without a savepoint's two extra round trips."""
+    conversation = ConversationFactory.create(owner=user)
+    body = {"spec": {"chain": [{"skill": "echo"}, {"skill": "echo"}]}, "input": "hi", "on_active": "allow"}
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(f"/api/conversations/{conversation.pk}/runs/", body, format="json")
+
+    assert response.status_code == 202, response.content
+    statements = [query["sql"] for query in queries.captured_queries]
+    assert any(sql.startswith("INSERT INTO") and "orchestration_step" in sql for sql in statements)
+    assert not [sql for sql in statements if "SAVEPOINT" in sql.upper()]
+    assert wait_for_run(Run.objects.get(pk=response.json()["id"])).status == RunStatus.SUCCEEDED
