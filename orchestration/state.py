@@ -25,7 +25,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import events, metrics, state_pg, webhooks
+from . import events, metrics, state_pg, state_sqlite, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
@@ -42,6 +42,9 @@ from .models import (
 FINISHED_STEP_STATUSES = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
 UNFINISHED_STEP_STATUSES = (StepStatus.PENDING, StepStatus.RUNNING)
 REPLAYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED)
+# The common claim and store on these databases without the ORM's cost
+# (docs/performance.md); elsewhere, and in every other case, the ORM's transactions.
+_FAST_TRANSITIONS = {"postgresql": state_pg, "sqlite": state_sqlite}
 
 
 class ClaimOutcome(Enum):
@@ -154,8 +157,8 @@ def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
     runs although its run ended: that is when it runs (the ORM path; the
     PostgreSQL statement claims steps of active runs only).
     """
-    if connection.vendor == "postgresql":  # the common case in one statement
-        claimed = state_pg.claim(step_id, delivery, timezone.now())
+    if fast := _FAST_TRANSITIONS.get(connection.vendor):  # the common case without the ORM
+        claimed = fast.claim(step_id, delivery, timezone.now())
         if claimed is not None:
             return Claim(step=claimed[0], outcome=ClaimOutcome.RUN)
     with transaction.atomic(savepoint=False):
@@ -256,9 +259,10 @@ def succeed_step(step: StepRef, output: Any, delivery: str, finishes_run: bool =
     skill result cache (Step.cached, and ``{"cached": true}`` in the event).
     A compensation step's end moves its run's rollback on (orchestration/saga.py).
     """
-    if connection.vendor == "postgresql" and step.compensates is None:  # in one statement, unless a webhook
+    fast = _FAST_TRANSITIONS.get(connection.vendor)
+    if fast and step.compensates is None:  # without the ORM, unless a webhook
         now = timezone.now()
-        stored = state_pg.store(step.id, step.run_id, output, delivery, now, finishes_run, cached)
+        stored = fast.store(step.id, step.run_id, output, delivery, now, finishes_run, cached)
         if stored is not None:
             metrics.step_finished(step.skill, StepStatus.SUCCEEDED, step.started_at, now)
             if stored.run_succeeded:

@@ -29,7 +29,7 @@ from .models import ACTIVE_RUN_STATUSES, Conversation, Run, Step, StepStatus
 _ACTIVE = "(" + ", ".join(f"'{status}'" for status in ACTIVE_RUN_STATUSES) + ")"
 
 # The step's fields a claimed step is built from (besides its run's).
-_CLAIMED_FIELDS = (
+CLAIMED_FIELDS = (
     "id",
     "run_id",
     "key",
@@ -62,7 +62,7 @@ WITH step_ AS (
     FROM orchestration_run AS r
     WHERE s.id = %(step_id)s AND s.status = 'pending' AND s.delivery <> %(delivery)s
       AND r.id = s.run_id AND r.status IN {_ACTIVE}
-    RETURNING {", ".join(f"s.{name}" for name in _CLAIMED_FIELDS)}
+    RETURNING {", ".join(f"s.{name}" for name in CLAIMED_FIELDS)}
 ),
 run_ AS (
     UPDATE orchestration_run AS r
@@ -176,18 +176,25 @@ def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] 
         row = cursor.fetchone()
     if row is None:
         return None
-    count = len(_CLAIMED_FIELDS)
-    fields = dict(zip(_CLAIMED_FIELDS, row[:count], strict=True))
+    count = len(CLAIMED_FIELDS)
+    fields = dict(zip(CLAIMED_FIELDS, row[:count], strict=True))
     run_status, last_seq, started, conversation_id, conversation_state = row[count:]
-    fields["args"] = _json(fields["args"])
-    step = Step(**fields, status=StepStatus.RUNNING, delivery=delivery)
+    step = claimed_step(fields, delivery, run_status, conversation_id, conversation_state)
+    seqs = [last_seq - 1, last_seq] if started else [last_seq]
+    announce(step.run_id, seqs)
+    return step, seqs
+
+
+def claimed_step(
+    fields: dict[str, Any], delivery: str, run_status: str, conversation_id: int | None, conversation_state: Any
+) -> Step:
+    """The held step from its CLAIMED_FIELDS, with its run and the run's conversation, as the ORM would give it."""
+    step = Step(**{**fields, "args": _json(fields["args"])}, status=StepStatus.RUNNING, delivery=delivery)
     conversation = None
     if conversation_id is not None:
         conversation = Conversation(id=conversation_id, state=_json(conversation_state))
     step.run = Run(id=step.run_id, status=run_status, conversation=conversation)
-    seqs = [last_seq - 1, last_seq] if started else [last_seq]
-    _announce(step.run_id, seqs)
-    return step, seqs
+    return step
 
 
 def store(
@@ -201,7 +208,7 @@ def store(
         "step_id": step_id,
         "delivery": delivery,
         "now": now,
-        "output": _jsonb(output),
+        "output": db_json(output),
         "cached": cached,
         "data": json.dumps({"cached": True} if cached else {}),
     }
@@ -220,11 +227,12 @@ def store(
         last_seq, run_succeeded, workflow, followed = row
         seqs = (last_seq - 1, last_seq) if run_succeeded else (last_seq,)
         stored = Stored(seqs, run_succeeded, workflow, followed)
-    _announce(run_id, stored.seqs)
+    announce(run_id, stored.seqs)
     return stored
 
 
-def _announce(run_id: int, seqs: list[int] | tuple[int, ...]) -> None:
+def announce(run_id: int, seqs: list[int] | tuple[int, ...]) -> None:
+    """Announce the run's events ``seqs`` to its streams once the transaction commits (at once outside one)."""
     for seq in seqs:
         transaction.on_commit(lambda seq=seq: events.announce(run_id, seq))  # type: ignore[misc]
 
@@ -233,6 +241,7 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def _jsonb(value: Any) -> Any:
+def db_json(value: Any) -> Any:
+    """``value`` as a JSON column's query parameter."""
     field = cast(models.JSONField, Step._meta.get_field("output"))
     return field.get_db_prep_value(value, connection)

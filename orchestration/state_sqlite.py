@@ -1,0 +1,169 @@
+"""SQLite: a step's common transitions as a few plain statements in one transaction.
+
+The same two transitions as ``orchestration.state_pg`` (a pending step's
+claim, a held step's output stored), with the same rows, locks and events.
+SQLite has no data-modifying ``WITH``, and no round trips to save; what
+costs here is the ORM building each query (measured: the ORM's claim and
+store took most of a worker's CPU). ``BEGIN IMMEDIATE`` (settings) takes the
+database's write lock first, so reading a row and then updating it in the
+transaction is as safe as PostgreSQL's row locks.
+
+Each function covers the common case only and returns None where it does
+not apply, changing nothing: ``orchestration.state`` then makes the
+transition the general way. Called by ``orchestration.state`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from .models import ACTIVE_RUN_STATUSES, RunStatus, Step, StepStatus
+from .state_pg import CLAIMED_FIELDS, Stored, announce, claimed_step, db_json
+
+# An event to insert: its step (None: the run's own), type and data.
+_Event = tuple[int | None, str, dict[str, Any]]
+
+_CLAIM_READ = f"""
+SELECT {", ".join(f"s.{name}" for name in CLAIMED_FIELDS)}, s.status, s.delivery,
+       r.status, r.last_event_seq, r.conversation_id, c.state
+FROM orchestration_step AS s
+JOIN orchestration_run AS r ON r.id = s.run_id
+LEFT JOIN orchestration_conversation AS c ON c.id = r.conversation_id
+WHERE s.id = %s
+"""
+
+_HOLD = """
+UPDATE orchestration_step SET status = 'running', delivery = %s, attempts = %s, started_at = %s, lease_until = %s
+WHERE id = %s
+"""
+
+_STORE_STEP = """
+UPDATE orchestration_step SET status = 'succeeded', output = %s, error = '', finished_at = %s, lease_until = %s,
+    cached = %s
+WHERE id = %s AND status = 'running' AND delivery = %s
+"""
+
+_RUN_OF_LAST_STEP = """
+SELECT r.status, r.webhook_url, r.conversation_id, r.followed, r.last_event_seq, w.name
+FROM orchestration_run AS r LEFT JOIN orchestration_workflow AS w ON w.id = r.workflow_id
+WHERE r.id = %s
+"""
+
+_RUN_SUCCEEDED = """
+UPDATE orchestration_run SET status = 'succeeded', output = %s, error = '', started_at = COALESCE(started_at, %s),
+    finished_at = %s
+WHERE id = %s
+"""
+
+_CANCEL_PENDING = """
+UPDATE orchestration_step SET status = 'cancelled', error = 'not run: the run succeeded', finished_at = %s,
+    lease_until = %s
+WHERE run_id = %s AND status = 'pending'
+"""
+
+_REPLY = """
+INSERT INTO orchestration_message (conversation_id, role, content, run_id, created_at)
+VALUES (%s, 'assistant', %s, %s, %s)
+"""
+
+
+def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] | None:
+    """Hold a pending step of an active run, not held by this delivery before; the step and its events' seqs.
+
+    None if the step is in any other state (state.claim_step decides then).
+    """
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        cursor.execute(_CLAIM_READ, [step_id])
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        count = len(CLAIMED_FIELDS)
+        fields = dict(zip(CLAIMED_FIELDS, row[:count], strict=True))
+        status, held_by, run_status, last_seq, conversation_id, conversation_state = row[count:]
+        if status != StepStatus.PENDING or held_by == delivery or run_status not in ACTIVE_RUN_STATUSES:
+            return None
+        fields["attempts"] += 1
+        fields["started_at"] = _aware(fields["started_at"]) or now
+        fields["lease_until"] = now + timedelta(seconds=fields["time_limit"] + settings.STEP_LEASE_GRACE)
+        cursor.execute(
+            _HOLD,
+            [delivery, fields["attempts"], _at(fields["started_at"]), _at(fields["lease_until"]), step_id],
+        )
+        events: list[_Event] = []
+        if run_status == RunStatus.QUEUED:  # only a run's first step starts it
+            run_status = RunStatus.RUNNING
+            cursor.execute(
+                "UPDATE orchestration_run SET status = 'running', started_at = %s WHERE id = %s",
+                [_at(now), fields["run_id"]],
+            )
+            events.append((None, "run.running", {}))
+        events.append((step_id, "step.running", {"attempt": fields["attempts"], "redelivered": False}))
+        seqs = _insert_events(cursor, fields["run_id"], last_seq, events, now)
+        step = claimed_step(fields, delivery, run_status, conversation_id, conversation_state)
+    announce(step.run_id, seqs)
+    return step, seqs
+
+
+def store(
+    step_id: int, run_id: int, output: Any, delivery: str, now: datetime, finishes_run: bool, cached: bool = False
+) -> Stored | None:
+    """Store the output of a step this delivery holds; None if it does not hold it (or the run has a webhook).
+
+    ``cached``: the output came from the skill result cache (state.succeed_step).
+    """
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        cursor.execute(_RUN_OF_LAST_STEP, [run_id])
+        run_status, webhook_url, conversation_id, followed, last_seq, workflow = cursor.fetchone()
+        if finishes_run and webhook_url:  # its delivery row is built from the ended run: the general way
+            return None
+        stored_output = db_json(output)
+        cursor.execute(_STORE_STEP, [stored_output, _at(now), _at(now), cached, step_id, delivery])
+        if cursor.rowcount != 1:
+            return None
+        events: list[_Event] = [(step_id, "step.succeeded", {"cached": True} if cached else {})]
+        run_succeeds = finishes_run and run_status in ACTIVE_RUN_STATUSES
+        if run_succeeds:
+            events.append((None, "run.succeeded", {}))
+            cursor.execute(_RUN_SUCCEEDED, [stored_output, _at(now), _at(now), run_id])
+            cursor.execute(_CANCEL_PENDING, [_at(now), _at(now), run_id])
+            if conversation_id is not None:
+                from .state import reply_text  # state imports this module
+
+                cursor.execute(_REPLY, [conversation_id, reply_text(output), run_id, _at(now)])
+        seqs = tuple(_insert_events(cursor, run_id, last_seq, events, now))
+        announce(run_id, seqs)
+    if not finishes_run:
+        return Stored(seqs)
+    return Stored(seqs, run_succeeds, workflow, bool(followed) and run_succeeds)
+
+
+def _insert_events(cursor: Any, run_id: int, last_seq: int, events: list[_Event], now: datetime) -> list[int]:
+    """Insert the run's next events, numbered after its ``last_seq``, and move that on; their seqs."""
+    seqs = [last_seq + n for n in range(1, len(events) + 1)]
+    rows = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(events))
+    params: list[Any] = []
+    for seq, (step_id, type, data) in zip(seqs, events, strict=True):
+        params += [run_id, seq, step_id, type, json.dumps(data), _at(now)]
+    cursor.execute(
+        f"INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at) VALUES {rows}", params
+    )
+    cursor.execute("UPDATE orchestration_run SET last_event_seq = %s WHERE id = %s", [seqs[-1], run_id])
+    return seqs
+
+
+def _at(value: datetime) -> Any:
+    """A datetime as SQLite stores it for Django (UTC, no offset)."""
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _aware(value: Any) -> datetime | None:
+    """A datetime column read with a plain cursor, as the ORM would give it (aware, UTC)."""
+    if value is None or timezone.is_aware(value):
+        return value
+    return timezone.make_aware(value, UTC)
