@@ -18,6 +18,7 @@ where a chord reads it (see ``mark_as_done``).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from celery import states
@@ -75,7 +76,8 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
         group_id = request.group
         if not group_id or not request.id:
             return
-        if not self._header_ready(group_id):
+        header_ids = _header_ids(group_id, self.app)
+        if header_ids is None or not _all_ready(_states(header_ids)):
             return  # the common case: a later member's report fires the body
         with transaction.atomic(using=router.db_for_write(ChordCounter)):
             counter = ChordCounter.objects.select_for_update().filter(group_id=group_id).first()
@@ -83,7 +85,7 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
                 return  # the body was already fired, or this is not our chord
             header = counter.group_result(app=self.app)
             header_states = _states(_leaf_ids(header))
-            if not all(s in states.READY_STATES for s in header_states.values()):
+            if not _all_ready(header_states):
                 return
             counter.delete()
         callback = maybe_signature(request.chord, app=self.app)
@@ -97,19 +99,64 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
             except ChordError as exc:  # chord_error_from_stack reads the current stack
                 self.chord_error_from_stack(callback, exc)
             return
-        trigger_callback(app=self.app, callback=callback, group_result=header)
+        fire_body(app=self.app, callback=callback, group_result=header)
 
-    def _header_ready(self, group_id: str) -> bool:
-        """Whether the chord's header tasks all finished, read without a lock or a transaction.
 
-        The member whose result completes the header sees them all ready (its
-        own result is stored before it reports), so only the last reports take
-        the counter row's lock; the others cost two reads.
-        """
+def fire_body(app: Any, callback: Any, group_result: GroupResult) -> None:
+    """Send the chord's body its header's results, in order: trigger_callback, in one query.
+
+    django-celery-results' trigger_callback joins the header, which reads
+    each member's result with a query of its own. Every member succeeded
+    here; a header with a group in it (its result is a nested list) is left
+    to trigger_callback.
+    """
+    members = group_result.results or []
+    if any(isinstance(member, GroupResult) for member in members):
+        trigger_callback(app=app, callback=callback, group_result=group_result)
+        return
+    ids = [member.id for member in members]
+    rows = TaskResult.objects.filter(task_id__in=ids).values_list("task_id", "content_encoding", "result")
+    backend = app.backend
+    results = {task_id: backend.decode_content(_Encoded(encoding), result) for task_id, encoding, result in rows}
+    try:
+        callback.delay([results[task_id] for task_id in ids])
+    except Exception as exc:  # as trigger_callback: the body fails, the worker goes on
+        log.exception("chord %s: its body was not sent", group_result.id)
+        backend.chord_error_from_stack(callback, exc=ChordError(f"Callback error: {exc!r}"))
+
+
+class _Encoded:
+    """What decode_content reads of a result row."""
+
+    def __init__(self, content_encoding: str) -> None:
+        self.content_encoding = content_encoding
+
+
+# The header task ids of chords this process saw a member of, the newest last.
+_headers: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+HEADERS_KEPT = 1024
+
+
+def _header_ids(group_id: str, app: Any) -> list[str] | None:
+    """The chord's header task ids; None if it has no counter (not our chord, or its body was fired).
+
+    A chord's header never changes (a canvas published again has new group
+    ids), so each process reads it once per chord: its other members here
+    cost one query each (``_states``). A missing counter is not remembered.
+    """
+    ids = _headers.get(group_id)
+    if ids is None:
         counter = ChordCounter.objects.filter(group_id=group_id).first()
         if counter is None:
-            return False
-        return all(s in states.READY_STATES for s in _states(_leaf_ids(counter.group_result(app=self.app))).values())
+            return None
+        ids = _headers[group_id] = tuple(_leaf_ids(counter.group_result(app=app)))
+        if len(_headers) > HEADERS_KEPT:
+            _headers.popitem(last=False)
+    return list(ids)
+
+
+def _all_ready(header_states: dict[str, str]) -> bool:
+    return all(s in states.READY_STATES for s in header_states.values())
 
 
 def _leaf_ids(result: Any) -> list[str]:

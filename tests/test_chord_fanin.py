@@ -20,10 +20,11 @@ from celery.app.task import Context
 from celery.canvas import Signature
 from celery.result import AsyncResult, GroupResult
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
 from agentsite.celery import DELIVERY_HEADER, app
-from agentsite.results import ChordSafeDatabaseBackend
+from agentsite.results import ChordSafeDatabaseBackend, fire_body
 from orchestration import canvas
 from orchestration.models import Run, Step
 from orchestration.services import start_run
@@ -59,7 +60,7 @@ class Chord:
 def fired(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The calls that would enqueue a chord body."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr("agentsite.results.trigger_callback", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("agentsite.results.fire_body", lambda **kw: calls.append(kw))
     return calls
 
 
@@ -138,6 +139,46 @@ def test_a_report_for_an_unknown_group_or_a_task_outside_a_group_is_ignored(fire
     app.backend.on_chord_part_return(Context(id="x", group=None, chord=dict(BODY)), states.SUCCESS, 1)
 
     assert fired == []
+
+
+@pytest.mark.django_db
+def test_after_its_first_report_here_a_chords_header_is_not_read_again(fired):
+    """The header never changes: each process reads it once per chord, then only the members' states."""
+    chord = Chord(3)
+    chord.finish(0)
+
+    with CaptureQueriesContext(connection) as queries:
+        chord.finish(1)
+
+    statements = [query["sql"] for query in queries.captured_queries]
+    assert statements
+    assert not [sql for sql in statements if "chordcounter" in sql]
+    chord.finish(2)
+    assert len(fired) == 1
+
+
+class RecordedBody:
+    """A chord body that records what it is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def delay(self, *args: Any) -> None:
+        self.sent.append(args)
+
+
+@pytest.mark.django_db
+def test_the_body_is_sent_the_header_results_in_header_order_read_in_one_query(django_assert_num_queries):
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for n, task_id in reversed(list(enumerate(ids))):  # stored in another order
+        app.backend.store_result(task_id, {"n": n}, states.SUCCESS)
+    header = GroupResult(str(uuid.uuid4()), [AsyncResult(task_id, app=app) for task_id in ids], app=app)
+    body = RecordedBody()
+
+    with django_assert_num_queries(1):
+        fire_body(app=app, callback=body, group_result=header)
+
+    assert body.sent == [([{"n": 0}, {"n": 1}, {"n": 2}],)]
 
 
 @pytest.mark.django_db
