@@ -155,7 +155,7 @@ def claim_step(step_id: int, delivery: str, resuming: bool = False) -> Claim:
     a duplicate and changes nothing, so a step runs once at a time and its
     successor is not run twice. A compensation step (orchestration/saga.py)
     runs although its run ended: that is when it runs (the ORM path; the
-    PostgreSQL statement claims steps of active runs only).
+    fast paths, state_pg and state_sqlite, claim steps of active runs only).
     """
     if fast := _FAST_TRANSITIONS.get(connection.vendor):  # the common case without the ORM
         claimed = fast.claim(step_id, delivery, timezone.now())

@@ -49,7 +49,7 @@ UPDATE orchestration_step SET status = 'succeeded', output = %s, error = '', fin
 WHERE id = %s AND status = 'running' AND delivery = %s
 """
 
-_RUN_OF_LAST_STEP = """
+_RUN_OF_STEP = """
 SELECT r.status, r.webhook_url, r.conversation_id, r.followed, r.last_event_seq, w.name
 FROM orchestration_run AS r LEFT JOIN orchestration_workflow AS w ON w.id = r.workflow_id
 WHERE r.id = %s
@@ -118,8 +118,11 @@ def store(
     ``cached``: the output came from the skill result cache (state.succeed_step).
     """
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        cursor.execute(_RUN_OF_LAST_STEP, [run_id])
-        run_status, webhook_url, conversation_id, followed, last_seq, workflow = cursor.fetchone()
+        cursor.execute(_RUN_OF_STEP, [run_id])
+        run = cursor.fetchone()
+        if run is None:  # deleted meanwhile: the general way finds no step either
+            return None
+        run_status, webhook_url, conversation_id, followed, last_seq, workflow = run
         if finishes_run and webhook_url:  # its delivery row is built from the ended run: the general way
             return None
         stored_output = db_json(output)
