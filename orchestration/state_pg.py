@@ -11,6 +11,11 @@ trip (docs/performance.md).
 Each function covers the common case only and returns None where it does
 not apply, changing nothing: ``orchestration.state`` then makes the
 transition the general way. Called by ``orchestration.state`` only.
+
+``orchestration.state_sqlite`` makes the same transitions on SQLite and
+shares what does not depend on the database: the claimed fields and the
+step built from them (``claimed_step``), ``Stored``, ``announce`` and
+``db_json``.
 """
 
 from __future__ import annotations
