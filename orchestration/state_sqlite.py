@@ -16,6 +16,7 @@ transition the general way. Called by ``orchestration.state`` only.
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -88,23 +89,23 @@ def claim(step_id: int, delivery: str, now: datetime) -> tuple[Step, list[int]] 
         status, held_by, run_status, last_seq, conversation_id, conversation_state = row[count:]
         if status != StepStatus.PENDING or held_by == delivery or run_status not in ACTIVE_RUN_STATUSES:
             return None
+        # As the ORM reads them: SQLite keeps a UUID as hex, a boolean as 0 or 1.
+        fields["task_id"], fields["optional"] = uuid.UUID(fields["task_id"]), bool(fields["optional"])
         fields["attempts"] += 1
         fields["started_at"] = _aware(fields["started_at"]) or now
         fields["lease_until"] = now + timedelta(seconds=fields["time_limit"] + settings.STEP_LEASE_GRACE)
-        cursor.execute(
-            _HOLD,
-            [delivery, fields["attempts"], _at(fields["started_at"]), _at(fields["lease_until"]), step_id],
-        )
+        at = _at(now)
+        held = [delivery, fields["attempts"], _at(fields["started_at"]), _at(fields["lease_until"]), step_id]
+        cursor.execute(_HOLD, held)
         events: list[_Event] = []
         if run_status == RunStatus.QUEUED:  # only a run's first step starts it
             run_status = RunStatus.RUNNING
             cursor.execute(
-                "UPDATE orchestration_run SET status = 'running', started_at = %s WHERE id = %s",
-                [_at(now), fields["run_id"]],
+                "UPDATE orchestration_run SET status = 'running', started_at = %s WHERE id = %s", [at, fields["run_id"]]
             )
             events.append((None, "run.running", {}))
         events.append((step_id, "step.running", {"attempt": fields["attempts"], "redelivered": False}))
-        seqs = _insert_events(cursor, fields["run_id"], last_seq, events, now)
+        seqs = _insert_events(cursor, fields["run_id"], last_seq, events, at)
         step = claimed_step(fields, delivery, run_status, conversation_id, conversation_state)
     announce(step.run_id, seqs)
     return step, seqs
@@ -125,34 +126,37 @@ def store(
         run_status, webhook_url, conversation_id, followed, last_seq, workflow = run
         if finishes_run and webhook_url:  # its delivery row is built from the ended run: the general way
             return None
-        stored_output = db_json(output)
-        cursor.execute(_STORE_STEP, [stored_output, _at(now), _at(now), cached, step_id, delivery])
+        stored_output, at = db_json(output), _at(now)
+        cursor.execute(_STORE_STEP, [stored_output, at, at, cached, step_id, delivery])
         if cursor.rowcount != 1:
             return None
         events: list[_Event] = [(step_id, "step.succeeded", {"cached": True} if cached else {})]
         run_succeeds = finishes_run and run_status in ACTIVE_RUN_STATUSES
         if run_succeeds:
             events.append((None, "run.succeeded", {}))
-            cursor.execute(_RUN_SUCCEEDED, [stored_output, _at(now), _at(now), run_id])
-            cursor.execute(_CANCEL_PENDING, [_at(now), _at(now), run_id])
+            cursor.execute(_RUN_SUCCEEDED, [stored_output, at, at, run_id])
+            cursor.execute(_CANCEL_PENDING, [at, at, run_id])
             if conversation_id is not None:
                 from .state import reply_text  # state imports this module
 
-                cursor.execute(_REPLY, [conversation_id, reply_text(output), run_id, _at(now)])
-        seqs = tuple(_insert_events(cursor, run_id, last_seq, events, now))
+                cursor.execute(_REPLY, [conversation_id, reply_text(output), run_id, at])
+        seqs = tuple(_insert_events(cursor, run_id, last_seq, events, at))
         announce(run_id, seqs)
     if not finishes_run:
         return Stored(seqs)
     return Stored(seqs, run_succeeds, workflow, bool(followed) and run_succeeds)
 
 
-def _insert_events(cursor: Any, run_id: int, last_seq: int, events: list[_Event], now: datetime) -> list[int]:
-    """Insert the run's next events, numbered after its ``last_seq``, and move that on; their seqs."""
+def _insert_events(cursor: Any, run_id: int, last_seq: int, events: list[_Event], at: Any) -> list[int]:
+    """Insert the run's next events, numbered after its ``last_seq``, and move that on; their seqs.
+
+    ``at``: their creation time as ``_at`` gives it (one conversion per transaction).
+    """
     seqs = [last_seq + n for n in range(1, len(events) + 1)]
     rows = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(events))
     params: list[Any] = []
     for seq, (step_id, type, data) in zip(seqs, events, strict=True):
-        params += [run_id, seq, step_id, type, json.dumps(data), _at(now)]
+        params += [run_id, seq, step_id, type, json.dumps(data), at]
     cursor.execute(
         f"INSERT INTO orchestration_runevent (run_id, seq, step_id, type, data, created_at) VALUES {rows}", params
     )

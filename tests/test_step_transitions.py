@@ -11,15 +11,18 @@ one query).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import services, state
+from orchestration import events, services, state
 from orchestration.models import Message, Run, RunEvent, RunStatus, Step, StepStatus, WebhookDelivery
+from skills import tasks
 
 from .factories import RunFactory, StepFactory
 
@@ -260,3 +263,48 @@ def test_a_run_with_a_webhook_stores_a_cached_step_the_general_way_alike():
     first.refresh_from_db()
     assert first.cached is True
     assert RunEvent.objects.get(run=run, type="step.succeeded").data == {"cached": True}
+
+
+@pytest.mark.parametrize("conversation", [True, False], ids=["of a conversation", "on its own"])
+def test_a_claimed_step_is_its_row_as_the_orm_reads_it(conversation):
+    """Every field of the step the fast claim builds, and all the task reads off it, without a query."""
+    _, first, _ = chain_of_two(**({} if conversation else {"conversation": None}))
+    claim = state.claim_step(first.pk, "delivery-1")
+    stored = Step.objects.select_related("run__conversation").get(pk=first.pk)
+
+    with CaptureQueriesContext(connection) as queries:
+        claimed = {field.attname: getattr(claim.step, field.attname) for field in Step._meta.concrete_fields}
+        context = tasks._context(claim.step)
+        ref = state.StepRef.of(claim.step)
+        run = (claim.step.run.pk, claim.step.run.status, claim.step.run.conversation_id)
+
+    assert not queries.captured_queries
+    assert run == (stored.run.pk, stored.run.status, stored.run.conversation_id)
+    assert claimed == {field.attname: getattr(stored, field.attname) for field in Step._meta.concrete_fields}
+    assert context == replace(tasks._context(stored), started=context.started)
+    assert ref == state.StepRef.of(stored)
+
+
+def heard_within(announcements: Any, seconds: float) -> list[bytes]:
+    """The announcements published on the subscription within ``seconds`` (the publisher is a thread)."""
+    deadline = time.monotonic() + seconds
+    heard = []
+    while (left := deadline - time.monotonic()) > 0:
+        if (message := announcements.get_message(timeout=left)) is not None:
+            heard.append(message["data"])
+    return heard
+
+
+def test_a_transition_announces_its_last_event_once(django_capture_on_commit_callbacks):
+    """A stream reads every event after its last one on any announcement: one per transition tells it all."""
+    run, first, _ = chain_of_two()
+    announcements = events._redis().pubsub(ignore_subscribe_messages=True)
+    announcements.subscribe(events.channel(run.pk))
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            state.claim_step(first.pk, "delivery-1")  # run.running and step.running
+        heard = heard_within(announcements, seconds=1.0)
+    finally:
+        announcements.close()
+
+    assert heard == [b"2"]
