@@ -20,7 +20,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import events, services, state
+from orchestration import events, services, state, state_sqlite
 from orchestration.models import Message, Run, RunEvent, RunStatus, Step, StepStatus, WebhookDelivery
 from skills import tasks
 
@@ -308,3 +308,26 @@ def test_a_transition_announces_its_last_event_once(django_capture_on_commit_cal
         announcements.close()
 
     assert heard == [b"2"]
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="PostgreSQL claims in one statement")
+def test_a_claim_changes_nothing_if_another_claimed_the_step_after_it_was_read():
+    """SQLite reads the step before taking the write lock; under the lock it finds another delivery holds it."""
+    run, first, _ = chain_of_two()
+    others: list[state.Claim] = []
+    asked = []
+
+    def another_claims_first(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql == state_sqlite._RUN_STATE and not asked:  # the lock is taken: the read is done
+            asked.append(True)
+            others.append(state.claim_step(first.pk, "other"))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(another_claims_first):
+        claim = state.claim_step(first.pk, "late")
+
+    assert [other.outcome for other in others] == [state.ClaimOutcome.RUN]
+    assert claim.outcome is state.ClaimOutcome.DUPLICATE
+    first.refresh_from_db()
+    assert (first.delivery, first.attempts) == ("other", 1)
+    assert [type for _, type, *_ in events_of(run)] == ["run.running", "step.running"]
