@@ -26,7 +26,7 @@ from agentsite.celery import app
 from skills.budget import Deadline
 from skills.support import pii
 
-from . import canvas, double_texting, metrics, state, webhooks
+from . import canvas, double_texting, events, metrics, rows, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
@@ -35,6 +35,7 @@ from .models import (
     Message,
     MessageRole,
     Run,
+    RunEvent,
     RunStatus,
     Step,
     StepStatus,
@@ -51,7 +52,22 @@ class Conflict(Exception):
     """The run is not in a state that allows the action; the message says why."""
 
 
-def start_run(
+@dataclass(frozen=True)
+class NewRun:
+    """A run's rows, with their INSERTs built before the transaction that runs them (``insert_run``).
+
+    Building them is most of the work of inserting them, and on SQLite a
+    transaction holds the one write lock that every worker's step
+    transition waits for (orchestration/rows.py, docs/performance.md).
+    """
+
+    run: Run
+    planned: list[PlannedStep]
+    steps: list[Step]
+    inserts: tuple[rows.Insert, rows.Insert, rows.Insert]  # the run, its steps, its first event
+
+
+def prepare_run(
     *,
     owner: Any,
     spec: Any,
@@ -60,62 +76,82 @@ def start_run(
     workflow: Workflow | None = None,
     deadline: float | None = None,
     webhook_url: str = "",
-    waiting_for: int | None = None,
-) -> Run:
-    """Insert a queued run with its pending steps; publish once committed.
+) -> NewRun:
+    """A queued run with its pending steps, ready to insert; raises SpecError for an invalid spec.
 
     ``deadline`` (seconds) overrides the workflow's, which overrides
     RUN_DEFAULT_DEADLINE; ``webhook_url`` likewise overrides the workflow's,
-    which overrides the conversation's. Raises SpecError for an invalid spec (nothing is
-    written). If the broker is down the run stays queued and the sweeper
-    publishes it later. With ``waiting_for`` the run is held, not published:
-    it starts when that run ends (orchestration.double_texting).
+    which overrides the conversation's.
     """
     planned = plan(spec)
     seconds = deadline or (workflow.deadline if workflow else None) or settings.RUN_DEFAULT_DEADLINE
+    run = Run(
+        owner=owner,
+        conversation=conversation,
+        workflow=workflow,
+        spec=spec,
+        input=input,
+        deadline=timezone.now() + timedelta(seconds=min(seconds, settings.RUN_MAX_DEADLINE)),
+        webhook_url=webhook_url
+        or (workflow.webhook_url if workflow else "")
+        or (conversation.webhook_url if conversation else ""),
+        trace_id=telemetry.current_trace_id(),
+        last_event_seq=1,  # its first event goes in with it
+    )
+    steps = [_step_row(run, p) for p in planned]
+    queued = RunEvent(seq=1, type="run.queued", data={"steps": len(steps)})
+    inserts = (
+        rows.Insert.of([run], later={"waiting_for_id"}),
+        rows.Insert.of(steps, later={"run_id"}),
+        rows.Insert.of([queued], later={"run_id"}),
+    )
+    return NewRun(run, planned, steps, inserts)
+
+
+def start_run(*, waiting_for: int | None = None, **run: Any) -> Run:
+    """Insert a queued run with its pending steps (``prepare_run``'s arguments); publish once committed."""
+    return insert_run(prepare_run(**run), waiting_for)
+
+
+def insert_run(new: NewRun, waiting_for: int | None = None) -> Run:
+    """Insert the prepared run with its pending steps; publish once committed.
+
+    If the broker is down the run stays queued and the sweeper publishes it
+    later. With ``waiting_for`` the run is held, not published: it starts
+    when that run ends (orchestration.double_texting).
+    """
+    run = new.run
     # No savepoint inside a caller's transaction (two round trips): nothing
     # catches an error of this block and goes on with that transaction.
     with transaction.atomic(savepoint=False):
-        run = Run.objects.create(
-            owner=owner,
-            conversation=conversation,
-            workflow=workflow,
-            spec=spec,
-            input=input,
-            deadline=timezone.now() + timedelta(seconds=min(seconds, settings.RUN_MAX_DEADLINE)),
-            webhook_url=webhook_url
-            or (workflow.webhook_url if workflow else "")
-            or (conversation.webhook_url if conversation else ""),
-            trace_id=telemetry.current_trace_id(),
-            waiting_for_id=waiting_for,
-        )
-        steps = Step.objects.bulk_create(_step_row(run, p) for p in planned)
-        state.record(run.pk, "run.queued", steps=len(steps))
-        metrics.run_started(workflow.name if workflow else None)
+        run_insert, steps_insert, event_insert = new.inserts
+        run_insert.execute(waiting_for_id=waiting_for)
+        steps_insert.execute(run_id=run.pk)
+        # Seq 1 without state.record's lock on the run: no other event of a new run exists.
+        event_insert.execute(run_id=run.pk)
+        transaction.on_commit(lambda: events.announce(run.pk, 1))
+        metrics.run_started(run.workflow.name if run.workflow else None)
         if waiting_for is not None:
             return run
         budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
         options = {
             p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
-            for p, s in zip(planned, steps, strict=True)
+            for p, s in zip(new.planned, new.steps, strict=True)
         }
-        transaction.on_commit(lambda: enqueue(run.pk, spec, input, options))
+        transaction.on_commit(lambda: enqueue(run.pk, run.spec, run.input, options))
     return run
 
 
 def start_conversation_run(
-    *, conversation: Conversation, on_active: str, **run: Any
+    *, conversation: Conversation, on_active: str, new: NewRun
 ) -> tuple[Run, double_texting.Admission]:
-    """Start a run of ``conversation`` under the double-texting policy ``on_active``.
+    """Start the prepared run ``new`` of ``conversation`` under the double-texting policy ``on_active``.
 
-    ``run`` are start_run's arguments. Raises double_texting.Busy (``reject``
-    while a run is active: nothing is stored) or SpecError.
+    Raises double_texting.Busy (``reject`` while a run is active: nothing is stored).
     """
     with transaction.atomic():
         admission = double_texting.admit(conversation, on_active)
-        started = start_run(
-            owner=conversation.owner, conversation=conversation, waiting_for=admission.waiting_for, **run
-        )
+        started = insert_run(new, waiting_for=admission.waiting_for)
         double_texting.apply(started, admission)
     return started, admission
 
@@ -137,16 +173,17 @@ def post_message(
     the masked content, and the input's ``pii`` counts what was masked.
     """
     input = masked_at_intake(spec, {"content": content, "conversation_id": conversation.pk})
+    new = prepare_run(
+        owner=conversation.owner,
+        conversation=conversation,
+        spec=spec,
+        input=input,
+        workflow=workflow,
+        deadline=deadline,
+        webhook_url=webhook_url,
+    )
     with transaction.atomic():
-        run, admission = start_conversation_run(
-            conversation=conversation,
-            on_active=on_active,
-            spec=spec,
-            input=input,
-            workflow=workflow,
-            deadline=deadline,
-            webhook_url=webhook_url,
-        )
+        run, admission = start_conversation_run(conversation=conversation, on_active=on_active, new=new)
         message = Message.objects.create(
             conversation=conversation, role=MessageRole.USER, content=input["content"], run=run
         )

@@ -315,7 +315,7 @@ def test_a_claim_changes_nothing_if_another_claimed_the_step_after_it_was_read()
     """SQLite reads the step before taking the write lock; under the lock it finds another delivery holds it."""
     run, first, _ = chain_of_two()
     others: list[state.Claim] = []
-    asked = []
+    asked: list[bool] = []
 
     def another_claims_first(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         if sql == state_sqlite._RUN_STATE and not asked:  # the lock is taken: the read is done

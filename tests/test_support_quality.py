@@ -8,7 +8,7 @@ import pytest
 
 from orchestration.double_texting import OnActive
 from orchestration.models import Conversation
-from orchestration.services import start_conversation_run, start_run
+from orchestration.services import prepare_run, start_conversation_run, start_run
 from skills.registry import SkillContext, SkillError
 from skills.support.quality import length, quality_check, quality_of
 
@@ -163,9 +163,8 @@ def test_the_conversation_remembers_the_quality_and_the_intent(worker, user):
     conversation = ConversationFactory.create(owner=user)
     given = {**ticket(PARAPHRASED, [DOUBLE_CHARGE]), "conversation_id": conversation.pk}
 
-    run, _ = start_conversation_run(
-        conversation=conversation, on_active=OnActive.ENQUEUE, spec={"skill": "quality_check"}, input=given
-    )
+    new = prepare_run(owner=user, conversation=conversation, spec={"skill": "quality_check"}, input=given)
+    run, _ = start_conversation_run(conversation=conversation, on_active=OnActive.ENQUEUE, new=new)
     run = wait_for_run(run)
 
     assert run.status == "succeeded", run.error

@@ -251,16 +251,19 @@ class ConversationViewSet(
         conversation = self.get_object()
         data = self._validated(StartRunSerializer, request, conversation)
         admitted = Admitted(data)
+        new = services.prepare_run(
+            owner=conversation.owner,
+            conversation=conversation,
+            spec=data["spec"],
+            input=data["input"],
+            workflow=data["workflow"],
+            deadline=data.get("deadline"),
+            webhook_url=data.get("webhook", ""),
+        )
 
         def start() -> Run:
             run, admitted.admission = services.start_conversation_run(
-                conversation=conversation,
-                on_active=admitted.policy,
-                spec=data["spec"],
-                input=data["input"],
-                workflow=data["workflow"],
-                deadline=data.get("deadline"),
-                webhook_url=data.get("webhook", ""),
+                conversation=conversation, on_active=admitted.policy, new=new
             )
             return run
 
