@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from orchestration.api.serializers import RunDetailSerializer, RunSerializer
 from orchestration.models import Run
 
 from .conftest import wait_for_run
@@ -315,3 +316,19 @@ def test_it_needs_authentication(anon, user, method, path):
     assert response.status_code == 401
     assert response["WWW-Authenticate"] == "Token"
     assert Run.objects.count() == 1
+
+
+def test_run_serializers_build_their_fields_once_and_bind_copies():
+    """The fields come from one build per process (FieldsBuiltOnce); each serializer binds copies of its own."""
+    first, second = RunFactory.create(), RunFactory.create()
+    StepFactory.create(run=first, key="a")
+    StepFactory.create_batch(2, run=second)
+
+    one, other = RunSerializer(first), RunSerializer(second)
+    details = [RunDetailSerializer(run).data for run in (first, second)]
+
+    assert (one.data["id"], other.data["id"]) == (first.pk, second.pk)
+    assert one.fields["status"] is not other.fields["status"]
+    assert (one.fields["status"].parent, other.fields["status"].parent) == (one, other)
+    assert [len(detail["steps"]) for detail in details] == [1, 2]
+    assert details[0]["steps"][0]["key"] == "a"
