@@ -26,7 +26,7 @@ from agentsite.celery import app
 from skills.budget import Deadline
 from skills.support import pii
 
-from . import canvas, double_texting, events, metrics, rows, state, webhooks
+from . import canvas, double_texting, metrics, rows, state, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
@@ -35,7 +35,6 @@ from .models import (
     Message,
     MessageRole,
     Run,
-    RunEvent,
     RunStatus,
     Step,
     StepStatus,
@@ -99,11 +98,10 @@ def prepare_run(
         last_event_seq=1,  # its first event goes in with it
     )
     steps = [_step_row(run, p) for p in planned]
-    queued = RunEvent(seq=1, type="run.queued", data={"steps": len(steps)})
     inserts = (
         rows.Insert.of([run], later={"waiting_for_id"}),
         rows.Insert.of(steps, later={"run_id"}),
-        rows.Insert.of([queued], later={"run_id"}),
+        state.first_event("run.queued", steps=len(steps)),
     )
     return NewRun(run, planned, steps, inserts)
 
@@ -127,9 +125,7 @@ def insert_run(new: NewRun, waiting_for: int | None = None) -> Run:
         run_insert, steps_insert, event_insert = new.inserts
         run_insert.execute(waiting_for_id=waiting_for)
         steps_insert.execute(run_id=run.pk)
-        # Seq 1 without state.record's lock on the run: no other event of a new run exists.
-        event_insert.execute(run_id=run.pk)
-        transaction.on_commit(lambda: events.announce(run.pk, 1))
+        state.record_first(run.pk, event_insert)
         metrics.run_started(run.workflow.name if run.workflow else None)
         if waiting_for is not None:
             return run

@@ -25,7 +25,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import events, metrics, state_pg, state_sqlite, webhooks
+from . import events, metrics, rows, state_pg, state_sqlite, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
@@ -97,6 +97,22 @@ def record(run_id: int, type: str, step_id: int | None = None, error: str = "", 
         seq = _insert_event(run_id, step_id, type, data)
     transaction.on_commit(lambda: events.announce(run_id, seq))
     return seq
+
+
+def first_event(type: str, **data: Any) -> rows.Insert:
+    """A new run's first event (seq 1), its INSERT built before the run's transaction (services.prepare_run)."""
+    return rows.Insert.of([RunEvent(seq=1, type=type, data=data)], later={"run_id"})
+
+
+def record_first(run_id: int, event: rows.Insert) -> None:
+    """Write a new run's ``first_event``, and announce it to its streams once committed.
+
+    Seq 1 without ``record``'s lock on the run's row: the run was inserted
+    in this transaction (with ``last_event_seq`` 1), so no other event of it
+    exists.
+    """
+    event.execute(run_id=run_id)
+    transaction.on_commit(lambda: events.announce(run_id, 1))
 
 
 def _insert_event(run_id: int, step_id: int | None, type: str, data: dict[str, Any]) -> int:

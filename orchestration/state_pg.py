@@ -216,7 +216,8 @@ def claimed_step(
     have only the fields read here; any other loads when first used.
     """
     values = {**fields, **_HELD, "args": _json(fields["args"]), "delivery": delivery}
-    step = Step.from_db(DEFAULT_DB_ALIAS, _step_fields(), [values[name] for name in _step_fields()])
+    names = _step_fields()
+    step = Step.from_db(DEFAULT_DB_ALIAS, names, [values[name] for name in names])
     # from_db takes a subset of fields in the model's order.
     run = Run.from_db(DEFAULT_DB_ALIAS, ["id", "conversation_id", "status"], [step.run_id, conversation_id, run_status])
     conversation = None
