@@ -49,6 +49,8 @@ HARD_GRACE = 2.0
 # Celery and billiard read a limit of 0 as "no limit": a spent budget publishes this instead
 # (the message expires at the deadline anyway).
 MIN_LIMIT = 0.1
+# capped_headers rounds a capped limit to hundredths of a second (up by at most half of one).
+CAP_ROUNDING = 0.01
 # The soft limit Celery's pool enforces (billiard sends it to the pool process).
 POOL_SOFT_SIGNAL = signal.SIGUSR1
 
@@ -175,9 +177,15 @@ class StepBudget:
             yield
 
     def _is_shorter(self) -> bool:
-        """Less is left than the soft limit the pool enforces for this message."""
+        """Less is left than the soft limit the pool enforces for this message.
+
+        Or as much, within ``capped_headers``' rounding: the deadline set that
+        limit, and a step started within milliseconds of its publish may find
+        a little more left than the rounded limit. The timer here then cuts
+        it, so its error names the deadline.
+        """
         assert self.left is not None
-        return self.published_soft is None or self.left < self.published_soft
+        return self.published_soft is None or self.left < self.published_soft + CAP_ROUNDING
 
 
 class DeadlineReached(SoftTimeLimitExceeded):

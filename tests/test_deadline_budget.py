@@ -225,3 +225,15 @@ def test_a_skill_sees_how_much_time_is_left():
     assert context(None).remaining() is None
     assert context(datetime.now(tz=UTC) + timedelta(seconds=30)).remaining() == pytest.approx(30, abs=1)
     assert context(datetime.now(tz=UTC) - timedelta(seconds=30)).remaining() == 0
+
+
+def test_a_step_started_right_after_its_publish_is_cut_by_the_deadline_too():
+    """The published soft limit is the deadline's, rounded up: the step finds a little more left than it."""
+    left = 0.2
+    start = budget.StepBudget(budget.Deadline(at=time.time() + left, seconds=3), left=left, published_soft=left - 0.004)
+
+    try:
+        with pytest.raises(budget.DeadlineReached, match="the run's 3s deadline was reached"), start.enforced():
+            time.sleep(2)
+    finally:
+        budget._restore_pool_soft_limit()
