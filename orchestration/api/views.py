@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
@@ -31,6 +32,7 @@ from rest_framework.throttling import BaseThrottle
 from orchestration import double_texting, services
 from orchestration.events import EventStream, NoStreamSlot
 from orchestration.models import Conversation, MessageRole, Run, Workflow
+from orchestration.reads import ByKey
 from skills import breakers
 from skills.registry import registry
 
@@ -178,6 +180,9 @@ IDEMPOTENCY_PARAMETER = OpenApiParameter(
 KEY_REUSED = field_errors("The Idempotency-Key was used for another request (or its first is still running).")
 
 
+_CONVERSATION_WITH_OWNER = ByKey(Conversation, "pk", related=("owner",))
+
+
 class ConversationViewSet(
     OwnedMixin, mixins.ListModelMixin, mixins.CreateModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
 ):
@@ -186,11 +191,20 @@ class ConversationViewSet(
     queryset = Conversation.objects.all()
     serializer_class = ConversationSerializer
 
-    def get_queryset(self) -> QuerySet[Conversation]:
-        conversations = super().get_queryset()
-        if self.request.method == "POST" and self.action in ("messages", "runs"):
-            return conversations.select_related("owner")  # the run's owner: a join, not a query of its own
-        return conversations
+    def get_object(self) -> Conversation:
+        """The URL's conversation, with its owner (a run's owner), if the user may see it; else 404.
+
+        One read compiled once per process (orchestration/reads.py): every
+        message and run posted makes it. Who may see it is OwnedMixin's rule.
+        """
+        try:
+            conversation = _CONVERSATION_WITH_OWNER.get(self.kwargs[self.lookup_field])
+        except (TypeError, ValueError, DjangoValidationError):
+            conversation = None
+        if conversation is None or not (_is_staff(self.request) or conversation.owner_id == self.request.user.pk):
+            raise NotFound("No Conversation matches the given query.")
+        self.check_object_permissions(self.request, conversation)
+        return conversation
 
     def perform_create(self, serializer: BaseSerializer[Conversation]) -> None:
         serializer.save(owner=self.request.user)
