@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
-from rest_framework import serializers
+from rest_framework import relations, serializers
 
 from orchestration import outbound
 from orchestration.models import Conversation, Message, OnActive, Run, RunStatus, Step, StepStatus, Workflow
@@ -218,13 +218,19 @@ class StepSerializer(serializers.ModelSerializer):
         ]
 
 
-class FieldsBuiltOnce(serializers.ModelSerializer):
-    """A ModelSerializer whose fields are built from its model once per process, then copied per instance.
+# Fields that bind other fields to themselves: a copy needs copies of those.
+_WITH_CHILDREN = (serializers.BaseSerializer, serializers.ListField, serializers.DictField, relations.ManyRelatedField)
 
-    DRF builds them anew for every instance: for a run, 0.26 ms of each run
-    creation's response (docs/performance.md). A field is copied shallowly
-    (binding it to the instance sets attributes of the copy only); a nested
-    serializer, deeply, as DRF copies declared fields.
+
+class FieldsBuiltOnce(serializers.Serializer):
+    """A serializer whose fields are built once per process, then copied per instance.
+
+    DRF builds them anew for every instance (a ModelSerializer's from its
+    model, deep copies of a Serializer's declared fields): for a run, 0.26 ms
+    of each run creation's response, and 0.25 ms of validating its request
+    (docs/performance.md). A field is copied shallowly (binding it to the
+    instance sets attributes of the copy only); a nested serializer, or a
+    field with a child field, deeply, as DRF copies declared fields.
     """
 
     _built: dict[type, dict[str, Any]] = {}
@@ -234,12 +240,12 @@ class FieldsBuiltOnce(serializers.ModelSerializer):
         if built is None:
             built = self._built[type(self)] = super().get_fields()
         return {
-            name: copy.deepcopy(field) if isinstance(field, serializers.BaseSerializer) else copy.copy(field)
+            name: copy.deepcopy(field) if isinstance(field, _WITH_CHILDREN) else copy.copy(field)
             for name, field in built.items()
         }
 
 
-class RunSerializer(FieldsBuiltOnce):
+class RunSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     workflow: serializers.SlugRelatedField[Workflow] = serializers.SlugRelatedField(slug_field="name", read_only=True)
 
     class Meta:
@@ -301,7 +307,7 @@ class MessageSerializer(serializers.ModelSerializer):
         fields = ["id", "role", "content", "run", "created_at"]
 
 
-class WorkflowChoiceMixin(serializers.Serializer):
+class WorkflowChoiceMixin(FieldsBuiltOnce):
     """``workflow`` (a name) or ``spec``: at most one; neither means the default."""
 
     workflow = serializers.SlugField(required=False)
