@@ -25,7 +25,7 @@ def fields(row: Any) -> dict[str, Any]:
 
 
 def test_a_token_and_its_user_are_what_select_related_gives():
-    user = UserFactory(first_name="Zoë", is_staff=True)
+    user = UserFactory.create(first_name="Zoë", is_staff=True)
     user.last_login = user.date_joined
     user.save()
     key = token_for(user)
@@ -42,7 +42,7 @@ def test_a_token_and_its_user_are_what_select_related_gives():
 
 
 def test_a_conversation_by_pk_with_its_owner():
-    conversation = ConversationFactory(state={"lang": "fr", "n": [1, 2]}, webhook_url="https://example.com/h")
+    conversation = ConversationFactory.create(state={"lang": "fr", "n": [1, 2]}, webhook_url="https://example.com/h")
     read = ByKey(Conversation, "pk", related=("owner",))
 
     ours = read.get(str(conversation.pk))  # as a URL gives it
@@ -73,7 +73,7 @@ def test_a_foreign_key_that_can_be_null_is_refused():
 
 
 def test_the_api_refuses_an_unknown_token_and_an_inactive_user():
-    user = UserFactory()
+    user = UserFactory.create()
     key = token_for(user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {key}x")
@@ -88,7 +88,7 @@ def test_the_api_refuses_an_unknown_token_and_an_inactive_user():
 
 
 def test_a_conversation_of_another_user_is_not_found_but_staff_see_it(api: APIClient, staff_api: APIClient):
-    conversation = ConversationFactory()
+    conversation = ConversationFactory.create()
     body = {"spec": {"skill": "echo"}, "input": {}}
 
     response = api.post(f"/api/conversations/{conversation.pk}/runs/", body, format="json")
