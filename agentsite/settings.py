@@ -123,6 +123,13 @@ if DB["ENGINE"] == "django.db.backends.sqlite3":
     # Tests need a file (not :memory:) so the worker process sees the data.
     db_file = Path(DB["NAME"])
     DB["TEST"] = {"NAME": str(db_file.with_name(f"test-{db_file.name}"))}
+# PostgreSQL prepared statements: psycopg prepares a statement a connection
+# ran five times, and PostgreSQL then skips parsing and planning it. A step's
+# claim and store cost the server 2.5 ms without, 1.0 ms with
+# (docs/performance.md). Off behind a pooler that cannot keep them (PgBouncer
+# in transaction mode before 1.21): Django's default, client-side binding.
+if DB["ENGINE"] == "django.db.backends.postgresql" and env.bool("DATABASE_PREPARED_STATEMENTS", default=True):
+    DB.setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
 # Keep connections open across requests and tasks: opening one per task cut
 # a 3-step chain from 142/s to 27/s on PostgreSQL. Broken or old connections
 # are closed before and after each task (agentsite/celery.py).

@@ -95,3 +95,18 @@ def test_a_conversation_of_another_user_is_not_found_but_staff_see_it(api: APICl
     assert (response.status_code, response.json()) == (404, {"detail": "No Conversation matches the given query."})
     assert api.get(f"/api/conversations/{conversation.pk}/").status_code == 404
     assert staff_api.get(f"/api/conversations/{conversation.pk}/").json()["id"] == conversation.pk
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+def test_postgresql_prepares_a_read_its_connection_runs_again_and_again():
+    """DATABASE_PREPARED_STATEMENTS (default on): a statement run five times is prepared, then parsed no more."""
+    conversation = ConversationFactory.create()
+    read = ByKey(Conversation, "pk", related=("owner",))
+
+    for _ in range(6):
+        assert read.get(conversation.pk) is not None
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements WHERE NOT from_sql")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    assert any("orchestration_conversation" in statement and "$1" in statement for statement in prepared), prepared
