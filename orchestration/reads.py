@@ -64,6 +64,8 @@ class ByKey(Generic[M]):
         # The placeholder value only makes the ORM write a parameter; get() passes the real one.
         placeholder = self._key_field.to_python("0")
         queryset = self.model._default_manager.filter(**{self.key: placeholder}).values_list(*columns)
+        # Kept only to convert values (no queries): of its connection, the
+        # compiling thread's, converters read the backend's settings alone.
         compiler = queryset.query.get_compiler(DEFAULT_DB_ALIAS)
         sql, params = compiler.as_sql()
         if len(params) != 1:
