@@ -165,10 +165,12 @@ class StepBudget:
         published with, checking once a second; when less is left now (the
         step waited in a queue, or only since its publish) a timer here
         raises DeadlineReached (a SoftTimeLimitExceeded) into the skill at
-        the deadline itself. After the budget fired, the pool's own
-        soft limit signal for this message, which may still come, is ignored
-        until the next task starts (``_restore_pool_soft_limit``): it would
-        land in the failure's handling, not in the skill.
+        the deadline itself. While that timer is armed, the pool's own soft
+        limit signal for this message is ignored, until the next task starts
+        (``_restore_pool_soft_limit``): the timer's limit is the same or
+        shorter, and a second soft timeout a moment after the first would
+        land in the skill's or the failure's handling of the first, not in
+        the skill.
         """
         if self.deadline is None or self.left is None or not self._is_shorter():
             yield
@@ -201,7 +203,7 @@ def timeout_error(exc: BaseException) -> str | None:
 
 
 class _PoolSoftLimit:
-    """The pool's soft limit handler, while set aside after the budget fired."""
+    """The pool's soft limit handler, while set aside for the budget's timer."""
 
     handler: Any = None
 
@@ -215,10 +217,10 @@ def _timer(seconds: float, deadline: Deadline) -> Iterator[None]:
     started = time.monotonic()
 
     def cut(signum: int, frame: Any) -> None:
-        if _PoolSoftLimit.handler is None:
-            _PoolSoftLimit.handler = signal.signal(POOL_SOFT_SIGNAL, signal.SIG_IGN)
         raise DeadlineReached(deadline.cut_error(time.monotonic() - started))
 
+    if _PoolSoftLimit.handler is None:
+        _PoolSoftLimit.handler = signal.signal(POOL_SOFT_SIGNAL, signal.SIG_IGN)
     previous = signal.signal(signal.SIGALRM, cut)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
     try:

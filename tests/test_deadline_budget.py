@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import before_task_publish
 from django.utils import timezone
 
@@ -237,3 +240,29 @@ def test_a_step_started_right_after_its_publish_is_cut_by_the_deadline_too():
             time.sleep(2)
     finally:
         budget._restore_pool_soft_limit()
+
+
+def test_the_pool_soft_limit_is_set_aside_while_the_budget_timer_is_armed():
+    """Two soft timeouts a moment apart would land the second outside the skill: only the budget's comes."""
+    pool_soft_limits: list[int] = []
+
+    def pool_soft_limit(signum: int, frame: Any) -> None:  # as billiard's handler, which raises into the task
+        pool_soft_limits.append(signum)
+        raise SoftTimeLimitExceeded()
+
+    def skill_signalled_by_the_pool() -> None:
+        os.kill(os.getpid(), budget.POOL_SOFT_SIGNAL)
+        time.sleep(2)
+
+    original = signal.signal(budget.POOL_SOFT_SIGNAL, pool_soft_limit)
+    left = 0.3
+    start = budget.StepBudget(budget.Deadline(at=time.time() + left, seconds=3), left=left, published_soft=left)
+    try:
+        with pytest.raises(budget.DeadlineReached), start.enforced():
+            skill_signalled_by_the_pool()
+        assert pool_soft_limits == []
+        budget._restore_pool_soft_limit()
+        assert signal.getsignal(budget.POOL_SOFT_SIGNAL) is pool_soft_limit
+    finally:
+        budget._restore_pool_soft_limit()
+        signal.signal(budget.POOL_SOFT_SIGNAL, original)
