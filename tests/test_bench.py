@@ -8,10 +8,15 @@ thing it claims to.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -62,6 +67,48 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
     assert 0 < report["detail_p50_ms"] <= report["detail_p99_ms"]
     assert report["worker_rss_before_mb"] > 0
     assert report["worker_rss_mb"] > 0
+
+
+class _ArrivalsHandler(BaseHTTPRequestHandler):
+    """Answers every POST 202 and notes when it came."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn's gthread workers answer
+    arrivals: list[float] = []
+
+    def do_POST(self) -> None:
+        self.arrivals.append(time.monotonic())
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(202)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_the_load_generator_sends_at_an_even_rate_not_in_bursts() -> None:
+    # 5 users at 10 requests a second each: one request every 20 ms. Started
+    # as locust starts them, the five came within a millisecond of each other.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ArrivalsHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "BENCH_TOKEN": "t", "BENCH_RUNS_PATH": "/runs/", "BENCH_USER_RATE": "10", "BENCH_USERS": "5"}
+    locustfile = Path(settings.BASE_DIR) / "orchestration" / "bench" / "locustfile.py"
+    command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--only-summary"]
+    command += ["--host", f"http://127.0.0.1:{server.server_port}", "--users", "5", "--spawn-rate", "5"]
+    command += ["--run-time", "5s", "--loglevel", "WARNING"]
+    try:
+        subprocess.run(command, env=env, capture_output=True, timeout=50, check=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    steady = [t for t in _ArrivalsHandler.arrivals if t >= _ArrivalsHandler.arrivals[0] + 1.5]  # all users started
+    gaps = [(later - earlier) * 1000 for earlier, later in itertools.pairwise(steady)]
+    assert len(steady) >= 100
+    assert 15 <= statistics.median(gaps) <= 25
+    assert sum(gap < 5 for gap in gaps) <= len(gaps) // 10
 
 
 def test_the_table_leaves_out_the_phases_that_were_left_out() -> None:

@@ -1,26 +1,49 @@
-"""Locust user for ``manage.py bench``: each user creates BENCH_USER_RATE runs per second.
+"""Locust user for ``manage.py bench``: N users together create runs at a fixed, even rate.
 
-With N users that is N * BENCH_USER_RATE run creations per second as long as
-a response comes within 1 / BENCH_USER_RATE seconds. The bench passes
-BENCH_TOKEN, BENCH_RUNS_PATH and BENCH_USER_RATE.
+Each user sends a request every 1 / BENCH_USER_RATE seconds, user i at i/N
+of that period, so with N users the requests are 1 / (N * BENCH_USER_RATE)
+seconds apart as long as a response comes within the period; a user that
+falls behind catches up on its schedule. The bench passes BENCH_TOKEN,
+BENCH_RUNS_PATH, BENCH_USER_RATE and BENCH_USERS.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import time
 
-from locust import FastHttpUser, constant_throughput, task
+import gevent
+from locust import FastHttpUser, task
 
 # All users post to one conversation: "allow" starts each run at once (no double-texting queue).
 BODY = {"spec": {"skill": "echo"}, "input": {"question": "hello"}, "on_active": "allow"}
+PERIOD = 1 / float(os.environ.get("BENCH_USER_RATE", "1"))
+USERS = int(os.environ.get("BENCH_USERS", "1"))
+ORIGIN = time.monotonic()
+_started = itertools.count()
 
 
 class RunCreator(FastHttpUser):
-    wait_time = constant_throughput(float(os.environ.get("BENCH_USER_RATE", "1")))
+    """Sends at ORIGIN + offset + k * PERIOD.
+
+    Not locust's ``constant_throughput``: the users locust starts together
+    then sent their requests within the same millisecond of every period
+    (measured), bursts of N at once rather than a steady rate.
+    """
 
     def on_start(self) -> None:
         self.headers = {"Authorization": f"Token {os.environ['BENCH_TOKEN']}"}
         self.path = os.environ["BENCH_RUNS_PATH"]
+        offset = next(_started) % USERS / USERS * PERIOD
+        periods = max(0, math.ceil((time.monotonic() - ORIGIN - offset) / PERIOD))
+        self.next_send = ORIGIN + offset + periods * PERIOD
+        gevent.sleep(max(0.0, self.next_send - time.monotonic()))
+
+    def wait_time(self) -> float:
+        self.next_send += PERIOD
+        return max(0.0, self.next_send - time.monotonic())
 
     @task
     def create_run(self) -> None:
