@@ -2,9 +2,19 @@
 
 Every state change writes a RunEvent (orchestration.state.record) numbered
 by ``seq`` within its run, in commit order. Once committed, the change is
-announced on the run's Redis channel; a stream subscribes to it before it
-reads the stored events, so nothing committed meanwhile is missed, and reads
-the database again only when an announcement (or a keepalive tick) comes.
+announced on the run's Redis channel if a stream watches the run; a stream
+subscribes to it before it reads the stored events, so nothing committed
+meanwhile is missed, and reads the database again only when an announcement
+(or a keepalive tick) comes.
+
+A stream says it watches its run in the sorted set WATCHED, and each process
+announces only the watched runs' events, after a look at a copy of WATCHED
+no older than WATCHED_MAX_AGE: most runs have no stream, and a PUBLISH cost
+a process 0.2 ms of CPU an event, as much as storing a step
+(docs/performance.md). So a new stream also reads the database again until
+WATCH_GRACE has passed (longer than WATCHED_MAX_AGE): an event committed
+before then may have been decided on a copy without it, any event after is
+announced to it.
 
 A stream is a bounded sync response (gunicorn gthread): at most
 EVENTS_MAX_STREAMS per web process hold a thread, each for at most
@@ -19,9 +29,10 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Generator, Iterator
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import redis
 from cloudevents.core.formats.json import JSONFormat
@@ -37,6 +48,13 @@ TERMINAL_EVENT_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled"
 # How long a stream waits between database reads while Redis cannot announce.
 FALLBACK_POLL_SECONDS = 1.0
 RECONNECT_MS = 1000
+# The streams open now: members "<run id>:<stream>", scored by when the entry
+# expires (Unix time), a while after the stream's own end, so a web process
+# that died leaves nothing behind for long.
+WATCHED = "agentsite:run-events:watched"
+WATCHED_MAX_AGE = 0.1  # seconds: how old a process's copy of WATCHED may be when it announces
+WATCH_GRACE = 0.25  # seconds a new stream reads the database again without waiting for announcements
+WATCH_EXPIRES_AFTER_STREAM = 60
 # Announcements published in one round trip at most.
 PUBLISH_BATCH = 100
 
@@ -80,18 +98,40 @@ def _announcements() -> queue.SimpleQueue[tuple[int, int]]:
 
 
 def _publish(pending: queue.SimpleQueue[tuple[int, int]]) -> None:
-    """Publish announcements as they come, those queued meanwhile in one round trip."""
+    """Publish the watched runs' announcements as they come, those queued meanwhile in one round trip."""
+    watched = WatchedRuns()
     while True:
         batch = [pending.get()]
         while len(batch) < PUBLISH_BATCH and not pending.empty():
             batch.append(pending.get())
         try:
+            runs = watched.now()
+            batch = [(run_id, seq) for run_id, seq in batch if run_id in runs]
+            if not batch:
+                continue
             with _redis().pipeline(transaction=False) as pipe:
                 for run_id, seq in batch:
                     pipe.publish(channel(run_id), seq)
                 pipe.execute()
         except redis.RedisError as exc:
             log.debug("%d run event announcements lost: %r", len(batch), exc)
+
+
+class WatchedRuns:
+    """A process's copy of the runs the streams watch (WATCHED), read again once older than WATCHED_MAX_AGE."""
+
+    def __init__(self) -> None:
+        self._runs: frozenset[int] = frozenset()
+        self._asked_at = float("-inf")
+
+    def now(self) -> frozenset[int]:
+        """The watched runs as of at most WATCHED_MAX_AGE ago (as of when the read was sent)."""
+        asked_at = time.monotonic()
+        if asked_at - self._asked_at > WATCHED_MAX_AGE:
+            members = cast(list[bytes], _redis().zrangebyscore(WATCHED, time.time(), "+inf"))
+            self._runs = frozenset(int(member.split(b":", 1)[0]) for member in members)
+            self._asked_at = asked_at
+        return self._runs
 
 
 def cloudevent(event: RunEvent) -> CloudEvent:
@@ -148,8 +188,9 @@ def _stream(run_id: int, after: int) -> Generator[str, None, None]:
     yield f"retry: {RECONNECT_MS}\n\n"
     if after and _ended_by(run_id, after):
         return  # a client resuming after the run's last event: nothing more will come
-    announcements = _subscribe(run_id)
-    deadline = time.monotonic() + settings.EVENTS_STREAM_SECONDS
+    announcements, watch = _subscribe(run_id)
+    started = time.monotonic()
+    deadline, announced_from = started + settings.EVENTS_STREAM_SECONDS, started + WATCH_GRACE
     try:
         while True:
             for event in events_after(run_id, after):
@@ -157,14 +198,18 @@ def _stream(run_id: int, after: int) -> Generator[str, None, None]:
                 after = event.seq
                 if event.type in TERMINAL_EVENT_TYPES and not events_after(run_id, after):
                     return
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 return
-            if not _wait(announcements, min(left, settings.EVENTS_KEEPALIVE_SECONDS)):
+            if now < announced_from:  # an event committed so far may not have been announced to this stream
+                _wait(announcements, min(left, announced_from - now))
+            elif not _wait(announcements, min(left, settings.EVENTS_KEEPALIVE_SECONDS)):
                 yield ": keepalive\n\n"
     finally:
         if announcements is not None:
             announcements.close()
+            _unwatch(watch)
 
 
 def _ended_by(run_id: int, seq: int) -> bool:
@@ -173,15 +218,29 @@ def _ended_by(run_id: int, seq: int) -> bool:
     return latest is not None and latest[0] <= seq and latest[1] in TERMINAL_EVENT_TYPES
 
 
-def _subscribe(run_id: int) -> Any:
+def _subscribe(run_id: int) -> tuple[Any, str]:
+    """Subscribe to the run's announcements, then watch the run (WATCHED); (None, "") if Redis cannot."""
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
+    watch = f"{run_id}:{uuid.uuid4().hex}"
+    expires = time.time() + settings.EVENTS_STREAM_SECONDS + WATCH_EXPIRES_AFTER_STREAM
     try:
         pubsub.subscribe(channel(run_id))
+        with _redis().pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(WATCHED, "-inf", time.time())  # the entries of streams long gone
+            pipe.zadd(WATCHED, {watch: expires})
+            pipe.execute()
     except redis.RedisError as exc:
         log.warning("run %s: events stream without announcements (Redis: %r); polling", run_id, exc)
         pubsub.close()
-        return None
-    return pubsub
+        return None, ""
+    return pubsub, watch
+
+
+def _unwatch(watch: str) -> None:
+    try:
+        _redis().zrem(WATCHED, watch)
+    except redis.RedisError as exc:  # the entry expires by itself
+        log.debug("events stream %s not unwatched: %r", watch, exc)
 
 
 def _wait(announcements: Any, seconds: float) -> bool:

@@ -18,6 +18,7 @@ import requests
 from django.conf import settings
 from django.utils import timezone
 
+from orchestration import events
 from orchestration.models import Run, RunEvent
 from orchestration.services import start_run
 
@@ -207,3 +208,35 @@ def test_a_chords_events_are_numbered_without_gaps_in_commit_order(worker, user)
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
     assert seqs == sorted(seqs)  # taken in the order the events were written
     assert run.last_event_seq == len(seqs)
+
+
+def test_a_runs_events_are_announced_only_while_a_stream_watches_it():
+    run_id = 2_000_000_001  # announcing needs no run
+    listener = events._redis().pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(events.channel(run_id))
+
+    def announced(seq: int) -> bool:
+        events.announce(run_id, seq)
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            if (message := listener.get_message(timeout=0.1)) is not None:
+                return int(message["data"]) == seq
+        return False
+
+    try:
+        # A stream that ended long ago (its entry expired) watches nothing; the next stream clears it away.
+        events._redis().zadd(events.WATCHED, {f"{run_id}:gone": time.time() - 1})
+        time.sleep(events.WATCH_GRACE)
+        assert not announced(1)
+
+        stream, watch = events._subscribe(run_id)
+        assert events._redis().zscore(events.WATCHED, f"{run_id}:gone") is None
+        time.sleep(events.WATCH_GRACE)  # every process's copy of the watched runs has it by now
+        assert announced(2)
+
+        stream.close()
+        events._unwatch(watch)
+        time.sleep(events.WATCH_GRACE)
+        assert not announced(3)
+    finally:
+        listener.close()

@@ -298,14 +298,15 @@ def heard_within(announcements: Any, seconds: float) -> list[bytes]:
 def test_a_transition_announces_its_last_event_once(django_capture_on_commit_callbacks):
     """A stream reads every event after its last one on any announcement: one per transition tells it all."""
     run, first, _ = chain_of_two()
-    announcements = events._redis().pubsub(ignore_subscribe_messages=True)
-    announcements.subscribe(events.channel(run.pk))
+    announcements, watch = events._subscribe(run.pk)  # as a stream does: only watched runs are announced
+    time.sleep(events.WATCH_GRACE)  # by now every process's copy of the watched runs has this one
     try:
         with django_capture_on_commit_callbacks(execute=True):
             state.claim_step(first.pk, "delivery-1")  # run.running and step.running
         heard = heard_within(announcements, seconds=1.0)
     finally:
         announcements.close()
+        events._unwatch(watch)
 
     assert heard == [b"2"]
 
