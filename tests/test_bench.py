@@ -56,7 +56,9 @@ def test_bench_measures_ours_and_raw_side_by_side(tmp_path: Path) -> None:
         assert ours_cpu["worker"] > 0
         assert raw_cpu["raw_worker"] > 0
         assert ours_cpu["total"] == pytest.approx(sum(v for k, v in ours_cpu.items() if k != "total"), abs=0.05)
-    assert report["api"]["requests"] >= 20
+    # 3 s at 10 a second: 26 to 28 against a server that answers at once, fewer
+    # where a loaded machine answers slower than the 100 ms between requests.
+    assert report["api"]["requests"] >= 10
     assert report["api"]["failures"] == 0
     assert 0 < report["api"]["post_p50_ms"] <= report["api"]["post_p99_ms"]
     assert report["step_runtime_ms_p50"] > 0

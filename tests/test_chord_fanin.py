@@ -284,6 +284,8 @@ def test_a_redelivered_header_step_does_not_fire_the_chord_body_early(worker, us
     }
     run = start_run(owner=user, spec=spec, input="in")
     fast = wait_until(lambda: run.steps.filter(key="fast", status="succeeded").first())
+    # The other member runs: it may start after the fast one ended on a busy machine (CI, 2026-12-01).
+    wait_until(lambda: run.steps.filter(key="slow", status="running").exists())
     counter = ChordCounter.objects.get(sub_tasks__contains=str(fast.task_id))
     # The message Celery sent for the header step: its chord's group and body.
     header_chord: Any = canvas.build(spec, step_options(run), run.pk)
