@@ -93,6 +93,7 @@ class _ArrivalsHandler(BaseHTTPRequestHandler):
 def test_the_load_generator_sends_at_an_even_rate_not_in_bursts() -> None:
     # 5 users at 10 requests a second each: one request every 20 ms. Started
     # as locust starts them, the five came within a millisecond of each other.
+    _ArrivalsHandler.arrivals.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ArrivalsHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "BENCH_TOKEN": "t", "BENCH_RUNS_PATH": "/runs/", "BENCH_USER_RATE": "10", "BENCH_USERS": "5"}
