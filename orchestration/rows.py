@@ -7,15 +7,20 @@ worker waits for that lock: building a new run's rows took most of the time
 the web held it (docs/performance.md). ``Insert.of`` builds them beforehand,
 with the models' defaults and field conversions as ``bulk_create`` applies
 them; ``Insert.execute`` runs the one statement and gives the rows their ids.
+
+``insert_family`` inserts a row with rows that refer to it; on PostgreSQL
+in one statement (a data-modifying WITH), not a transaction of one INSERT
+each: a new run's creation was seven round trips, it is three
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from django.db import connection, models
+from django.db import connection, models, transaction
 
 
 @dataclass(frozen=True)
@@ -24,10 +29,18 @@ class Insert:
     sql: str
     params: list[Any]
     later: dict[str, list[int]]  # a column given to ``execute``: its places in ``params``
+    columns: tuple[str, ...]  # the inserted columns' attnames, in the statement's order
+    into: str  # the statement's table and columns, quoted: "table" ("a", "b")
+    pk: str  # the primary key's column, quoted
+    on_conflict: str = ""  # an ON CONFLICT clause (``update_on_conflict``)
 
     @classmethod
-    def of(cls, rows: Sequence[models.Model], later: Collection[str] = ()) -> Insert:
-        """One INSERT of ``rows`` (unsaved, of one model); the ``later`` columns (attnames) are given to ``execute``."""
+    def of(cls, rows: Sequence[models.Model], later: Collection[str] = (), on_conflict: str = "") -> Insert:
+        """One INSERT of ``rows`` (unsaved, of one model); the ``later`` columns (attnames) are given to ``execute``.
+
+        A single statement, so outside a transaction it is one of its own:
+        no BEGIN and COMMIT round trips, as ``bulk_create`` makes.
+        """
         meta = type(rows[0])._meta
         fields = [field for field in meta.concrete_fields if not field.primary_key]  # ids come from the database
         quote = connection.ops.quote_name
@@ -40,27 +53,87 @@ class Insert:
                     params.append(None)
                 else:
                     params.append(field.get_db_prep_save(field.pre_save(row, True), connection))
-        columns = ", ".join(quote(_column(field)) for field in fields)
-        values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(rows))
-        sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES {values} RETURNING {quote(_column(meta.pk))}"
-        return cls(rows, sql, params, places)
+        columns = tuple(field.attname for field in fields)
+        into = f"{quote(meta.db_table)} ({', '.join(quote(_column(field)) for field in fields)})"
+        pk = quote(_column(meta.pk))
+        sql = _insert_sql(into, columns, len(rows), pk, {}, on_conflict)
+        return cls(rows, sql, params, places, columns, into, pk, on_conflict)
 
     def execute(self, **later: Any) -> None:
         """Insert the rows, with the ``later`` columns' values; each row gets its id, as saved rows have."""
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, self._params(later))
+            ids = [pk for (pk,) in cursor.fetchall()]
+        self._saved(ids, later)
+
+    def statement(self, later: Mapping[str, Any], sql_for: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """The INSERT and its parameters, with the ``later`` columns' values and the ``sql_for`` columns as SQL."""
+        skipped = {place for name in sql_for for place in self.later[name]}
+        params = [param for place, param in enumerate(self._params(later)) if place not in skipped]
+        return _insert_sql(self.into, self.columns, len(self.rows), self.pk, sql_for, self.on_conflict), params
+
+    def _params(self, later: Mapping[str, Any]) -> list[Any]:
         params = list(self.params)
         for name, value in later.items():
             for place in self.later[name]:
                 params[place] = value
+        return params
+
+    def _saved(self, ids: Sequence[Any], later: Mapping[str, Any]) -> None:
+        """Give the rows the ``later`` values and their ids (in the rows' order, as bulk_create relies on too)."""
+        for name, value in later.items():
             for row in self.rows:
                 setattr(row, name, value)
-        with connection.cursor() as cursor:
-            cursor.execute(self.sql, params)
-            ids = [pk for (pk,) in cursor.fetchall()]
-        # RETURNING gives the ids in the rows' order, as bulk_create relies on too.
         for row, pk in zip(self.rows, ids, strict=True):
             row.pk = pk
             row._state.adding = False
             row._state.db = connection.alias
+
+
+def insert_family(parent: Insert, children: Sequence[Insert], link: str, **later: Any) -> None:
+    """Insert ``parent``'s one row and ``children``' rows, whose ``link`` column is the parent's id.
+
+    On PostgreSQL one statement, atomic on its own; elsewhere an INSERT
+    each, in a transaction. ``later``: the parent's ``later`` columns.
+    """
+    if connection.vendor != "postgresql":
+        with transaction.atomic(savepoint=False):  # nothing catches an error here and goes on
+            parent.execute(**later)
+            for child in children:
+                child.execute(**{link: parent.rows[0].pk})
+        return
+    sql, params = parent.statement(later, sql_for={})
+    ctes = [f"parent AS ({sql})"]
+    results = [f"(SELECT {parent.pk} FROM parent)"]
+    for number, child in enumerate(children):
+        sql, child_params = child.statement({}, sql_for={link: results[0]})
+        ctes.append(f"child{number} AS ({sql})")
+        params += child_params
+        # A multi-row INSERT takes its ids from the sequence in the rows' order.
+        results.append(f"ARRAY(SELECT {child.pk} FROM child{number} ORDER BY {child.pk})")
+    with connection.cursor() as cursor:
+        cursor.execute(f"WITH {', '.join(ctes)} SELECT {', '.join(results)}", params)
+        parent_id, *children_ids = cursor.fetchone()
+    parent._saved([parent_id], later)
+    for child, ids in zip(children, children_ids, strict=True):
+        child._saved(ids, {link: parent_id})
+
+
+def update_on_conflict(model: type[models.Model], unique: Sequence[str], update: Sequence[str]) -> str:
+    """ON CONFLICT on the ``unique`` fields: update the ``update`` fields to the new row's (PostgreSQL and SQLite)."""
+    quote = connection.ops.quote_name
+    meta = model._meta
+    targets = ", ".join(quote(_column(meta.get_field(name))) for name in unique)
+    columns = [quote(_column(meta.get_field(name))) for name in update]
+    return f"ON CONFLICT ({targets}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+
+
+def _insert_sql(
+    into: str, columns: Sequence[str], rows: int, pk: str, sql_for: Mapping[str, str], on_conflict: str
+) -> str:
+    row = "(" + ", ".join(sql_for.get(column, "%s") for column in columns) + ")"
+    conflict = f" {on_conflict}" if on_conflict else ""
+    return f"INSERT INTO {into} VALUES {', '.join([row] * rows)}{conflict} RETURNING {pk}"
 
 
 def _column(field: Any) -> str:

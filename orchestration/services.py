@@ -34,6 +34,7 @@ from .models import (
     IdempotencyKey,
     Message,
     MessageRole,
+    OnActive,
     Run,
     RunStatus,
     Step,
@@ -119,22 +120,16 @@ def insert_run(new: NewRun, waiting_for: int | None = None) -> Run:
     when that run ends (orchestration.double_texting).
     """
     run = new.run
-    # No savepoint inside a caller's transaction (two round trips): nothing
-    # catches an error of this block and goes on with that transaction.
-    with transaction.atomic(savepoint=False):
-        run_insert, steps_insert, event_insert = new.inserts
-        run_insert.execute(waiting_for_id=waiting_for)
-        steps_insert.execute(run_id=run.pk)
-        state.record_first(run.pk, event_insert)
-        metrics.run_started(run.workflow.name if run.workflow else None)
-        if waiting_for is not None:
-            return run
-        budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
-        options = {
-            p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
-            for p, s in zip(new.planned, new.steps, strict=True)
-        }
-        transaction.on_commit(lambda: enqueue(run.pk, run.spec, run.input, options))
+    state.insert_run(*new.inserts, waiting_for=waiting_for)
+    metrics.run_started(run.workflow.name if run.workflow else None)
+    if waiting_for is not None:
+        return run
+    budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
+    options = {
+        p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
+        for p, s in zip(new.planned, new.steps, strict=True)
+    }
+    transaction.on_commit(lambda: enqueue(run.pk, run.spec, run.input, options))
     return run
 
 
@@ -145,6 +140,9 @@ def start_conversation_run(
 
     Raises double_texting.Busy (``reject`` while a run is active: nothing is stored).
     """
+    if on_active == OnActive.ALLOW:
+        # Nothing to decide or lock: the insert is a transaction of its own (one statement on PostgreSQL).
+        return insert_run(new), double_texting.Admission(on_active)
     with transaction.atomic():
         admission = double_texting.admit(conversation, on_active)
         started = insert_run(new, waiting_for=admission.waiting_for)

@@ -104,14 +104,15 @@ def first_event(type: str, **data: Any) -> rows.Insert:
     return rows.Insert.of([RunEvent(seq=1, type=type, data=data)], later={"run_id"})
 
 
-def record_first(run_id: int, event: rows.Insert) -> None:
-    """Write a new run's ``first_event``, and announce it to its streams once committed.
+def insert_run(run: rows.Insert, steps: rows.Insert, first_event: rows.Insert, waiting_for: int | None) -> None:
+    """Insert a new run (``last_event_seq`` 1), its steps and its ``first_event``; announce that once committed.
 
-    Seq 1 without ``record``'s lock on the run's row: the run was inserted
-    in this transaction (with ``last_event_seq`` 1), so no other event of it
-    exists.
+    Seq 1 without ``record``'s lock on the run's row: no other event of a
+    run that is being inserted exists. On PostgreSQL one statement
+    (rows.insert_family), its own transaction outside one.
     """
-    event.execute(run_id=run_id)
+    rows.insert_family(run, [steps, first_event], link="run_id", waiting_for_id=waiting_for)
+    run_id = run.rows[0].pk
     transaction.on_commit(lambda: events.announce(run_id, 1))
 
 

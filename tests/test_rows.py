@@ -49,19 +49,50 @@ def test_the_later_columns_are_given_when_it_runs_and_the_rows_get_their_ids_in_
     assert [Step.objects.get(pk=step.pk).key for step in steps] == ["a", "b", "c"]
 
 
-def test_a_run_goes_in_with_three_prepared_inserts(user):
-    """The run (its first event's seq already taken), its steps and that event: no other statement."""
+def test_a_run_goes_in_with_its_prepared_inserts_alone(user):
+    """The run (its first event's seq already taken), its steps and that event: no other statement.
+
+    On PostgreSQL one statement that is its own transaction; elsewhere three INSERTs in one.
+    """
     conversation = ConversationFactory.create(owner=user)
-    new = services.prepare_run(owner=user, conversation=conversation, spec={"chain": [{"skill": "echo"}] * 2})
+    new = services.prepare_run(owner=user, conversation=conversation, spec={"chain": [{"skill": "echo"}] * 3})
 
     with CaptureQueriesContext(connection) as queries:
         run = services.insert_run(new)
 
-    statements = [query["sql"].split(" (")[0] for query in queries.captured_queries]
-    assert statements == [f"INSERT INTO {connection.ops.quote_name(table)}" for table in TABLES]
-    assert list(run.events.values_list("seq", "type", "data")) == [(1, "run.queued", {"steps": 2})]
+    statements = [query["sql"] for query in queries.captured_queries]
+    if connection.vendor == "postgresql":
+        assert len(statements) == 1
+        assert statements[0].startswith("WITH parent AS (INSERT INTO")
+    else:
+        tables = [Run._meta.db_table, Step._meta.db_table, RunEvent._meta.db_table]
+        assert [sql.split(" (")[0] for sql in statements] == [
+            f"INSERT INTO {connection.ops.quote_name(t)}" for t in tables
+        ]
+    assert list(run.events.values_list("seq", "type", "data")) == [(1, "run.queued", {"steps": 3})]
     assert Run.objects.get(pk=run.pk).last_event_seq == 1
-    assert list(run.steps.order_by("pk").values_list("key", flat=True)) == [step.key for step in new.steps]
+    assert [(step.pk, step.run_id) for step in new.steps] == list(run.steps.order_by("key").values_list("pk", "run_id"))
+    assert [stored(step) for step in new.steps] == [stored(Step.objects.get(pk=step.pk)) for step in new.steps]
+    assert not any(step._state.adding for step in new.steps)
 
 
-TABLES = [Run._meta.db_table, Step._meta.db_table, RunEvent._meta.db_table]
+def test_a_family_insert_stores_what_separate_inserts_store(user):
+    """The run's and its steps' columns are the same whichever way they went in (a held run: waiting_for given)."""
+    conversation = ConversationFactory.create(owner=user)
+    ahead = RunFactory.create(owner=user, conversation=conversation)
+    spec = {"chain": [{"skill": "echo", "args": {"x": "é"}}, {"skill": "echo", "retries": 2}]}
+    ours = services.prepare_run(owner=user, conversation=conversation, spec=spec, input={"q": 1})
+    theirs = services.prepare_run(owner=user, conversation=conversation, spec=spec, input={"q": 1})
+
+    services.insert_run(ours, waiting_for=ahead.pk)
+    run_insert, steps_insert, _ = theirs.inserts
+    run_insert.execute(waiting_for_id=ahead.pk)
+    steps_insert.execute(run_id=theirs.run.pk)
+
+    differ = {"deadline", "created_at", "trace_id"}
+    assert {k: v for k, v in stored(ours.run).items() if k not in differ} == {
+        k: v for k, v in stored(theirs.run).items() if k not in differ
+    }
+    assert stored(ours.run)["waiting_for"] == ahead.pk
+    for mine, other in zip(ours.steps, theirs.steps, strict=True):
+        assert {**stored(mine), "run": None, "task_id": None} == {**stored(other), "run": None, "task_id": None}
