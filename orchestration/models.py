@@ -12,10 +12,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import models
+from django.db import DEFAULT_DB_ALIAS, models
 from django.utils import timezone
 from django_celery_results.managers import TaskResultManager
 from django_celery_results.models import TaskResult
+
+from .rows import Insert, update_on_conflict
 
 
 class Conversation(models.Model):
@@ -412,20 +414,22 @@ class UpsertTaskResultManager(TaskResultManager):
     def store_result(  # type: ignore[override]
         self, content_type: str, content_encoding: str, task_id: str, result: Any, status: str, **fields: Any
     ) -> TaskResult:
-        """Store a task's result in one INSERT ... ON CONFLICT DO UPDATE.
+        """Store a task's result in one INSERT ... ON CONFLICT DO UPDATE, outside a transaction.
 
         django-celery-results does a SELECT, then an INSERT in a transaction
-        of its own (or an UPDATE): four round trips per result on PostgreSQL.
+        of its own (or an UPDATE): four round trips per result on PostgreSQL;
+        ``bulk_create``'s upsert, three (BEGIN, INSERT, COMMIT); this, one.
         """
         using = fields.pop("using", None)
-        if "date_started" in fields:  # an expression (STARTED rows, which track_started=False never writes)
+        # date_started: an expression (STARTED rows, which track_started=False never writes);
+        # Insert writes to the default database.
+        if "date_started" in fields or using not in (None, DEFAULT_DB_ALIAS):
             return super().store_result(content_type, content_encoding, task_id, result, status, using=using, **fields)
         values = {"content_type": content_type, "content_encoding": content_encoding, "result": result}
         values |= {"status": status, **{name: fields.get(name) for name in UPSERT_FIELDS}}
         row = self.model(task_id=task_id, **values)
-        self.using(using).bulk_create(
-            [row], update_conflicts=True, unique_fields=["task_id"], update_fields=[*values, "date_done"]
-        )
+        upsert = update_on_conflict(self.model, unique=["task_id"], update=[*values, "date_done"])
+        Insert.of([row], on_conflict=upsert).execute()
         return row
 
 

@@ -331,15 +331,24 @@ def test_only_the_results_a_chord_reads_are_stored_and_the_last_step_ends_the_ru
     assert list(run.events.values_list("type", flat=True))[-2:] == ["step.succeeded", "run.succeeded"]
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_result_stored_twice_is_one_row_with_the_latest_outcome():
     task_id = str(uuid.uuid4())
     app.backend.store_result(task_id, None, states.RETRY, traceback="first try failed")
     times = TaskResult.objects.filter(task_id=task_id).values_list("date_created", "date_done")
     created, first_done = times.get()
 
-    app.backend.store_result(task_id, {"answer": 42}, states.SUCCESS)
+    statements: list[tuple[str, bool]] = []
 
+    def note(execute: Any, sql: str, *args: Any) -> Any:
+        statements.append((sql.split(" (")[0], connection.in_atomic_block))
+        return execute(sql, *args)
+
+    with connection.execute_wrapper(note):
+        app.backend.store_result(task_id, {"answer": 42}, states.SUCCESS)
+
+    # One statement, not in a transaction of its own (BEGIN and COMMIT: two round trips more per chord member).
+    assert statements == [(f"INSERT INTO {connection.ops.quote_name(TaskResult._meta.db_table)}", False)]
     row = TaskResult.objects.get(task_id=task_id)
     assert (row.status, json.loads(row.result), row.traceback) == (states.SUCCESS, {"answer": 42}, None)
     assert times.get()[0] == created
