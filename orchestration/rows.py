@@ -104,9 +104,10 @@ def insert_family(parent: Insert, children: Sequence[Insert], link: str, **later
         return
     sql, params = parent.statement(later, sql_for={})
     ctes = [f"parent AS ({sql})"]
-    results = [f"(SELECT {parent.pk} FROM parent)"]
+    parent_id_sql = f"(SELECT {parent.pk} FROM parent)"
+    results = [parent_id_sql]
     for number, child in enumerate(children):
-        sql, child_params = child.statement({}, sql_for={link: results[0]})
+        sql, child_params = child.statement({}, sql_for={link: parent_id_sql})
         ctes.append(f"child{number} AS ({sql})")
         params += child_params
         # A multi-row INSERT takes its ids from the sequence in the rows' order.
