@@ -18,7 +18,8 @@ Deciding and storing happen in one transaction that first locks the
 conversation's row and its active runs, so concurrent requests for one
 conversation are decided one after another (on SQLite, BEGIN IMMEDIATE
 serializes writers anyway): of two ``reject`` requests exactly one starts a
-run. Locking the active runs also orders a decision against those runs'
+run. ``allow`` decides nothing, so its run's inserts are a transaction of
+their own (services.start_conversation_run). Locking the active runs also orders a decision against those runs'
 ends: a run that ends meanwhile is seen ended, or its end waits for the new
 held run to commit and then releases it.
 """
