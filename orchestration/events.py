@@ -53,7 +53,9 @@ RECONNECT_MS = 1000
 # that died leaves nothing behind for long.
 WATCHED = "agentsite:run-events:watched"
 WATCHED_MAX_AGE = 0.1  # seconds: how old a process's copy of WATCHED may be when it announces
-WATCH_GRACE = 0.25  # seconds a new stream reads the database again without waiting for announcements
+# Seconds a new stream reads the database again without waiting for announcements:
+# longer than a process's copy of WATCHED may be old, with room for the announcing thread's delay.
+WATCH_GRACE = 2.5 * WATCHED_MAX_AGE
 WATCH_EXPIRES_AFTER_STREAM = 60
 # Announcements published in one round trip at most.
 PUBLISH_BATCH = 100
@@ -222,12 +224,12 @@ def _subscribe(run_id: int) -> tuple[Any, str]:
     """Subscribe to the run's announcements, then watch the run (WATCHED); (None, "") if Redis cannot."""
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
     watch = f"{run_id}:{uuid.uuid4().hex}"
-    expires = time.time() + settings.EVENTS_STREAM_SECONDS + WATCH_EXPIRES_AFTER_STREAM
+    now = time.time()
     try:
         pubsub.subscribe(channel(run_id))
         with _redis().pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(WATCHED, "-inf", time.time())  # the entries of streams long gone
-            pipe.zadd(WATCHED, {watch: expires})
+            pipe.zremrangebyscore(WATCHED, "-inf", now)  # the entries of streams long gone
+            pipe.zadd(WATCHED, {watch: now + settings.EVENTS_STREAM_SECONDS + WATCH_EXPIRES_AFTER_STREAM})
             pipe.execute()
     except redis.RedisError as exc:
         log.warning("run %s: events stream without announcements (Redis: %r); polling", run_id, exc)
