@@ -77,9 +77,14 @@ def announce(run_id: int, seq: int) -> None:
     """Tell the run's streams that event ``seq`` is committed.
 
     Queued for this process's publisher thread, so a transition does not
-    wait for Redis. Best effort: a stream that misses an announcement finds
-    the event at its next keepalive read.
+    wait for Redis; not even queued when this process's copy of WATCHED,
+    fresh enough, leaves the run out: waking the thread cost a busy worker
+    more than the rest of the announcement (docs/performance.md). Best
+    effort: a stream that misses an announcement finds the event at its
+    next keepalive read.
     """
+    if _watched.leaves_out(run_id):
+        return
     _announcements().put((run_id, seq))
 
 
@@ -101,13 +106,12 @@ def _announcements() -> queue.SimpleQueue[tuple[int, int]]:
 
 def _publish(pending: queue.SimpleQueue[tuple[int, int]]) -> None:
     """Publish the watched runs' announcements as they come, those queued meanwhile in one round trip."""
-    watched = WatchedRuns()
     while True:
         batch = [pending.get()]
         while len(batch) < PUBLISH_BATCH and not pending.empty():
             batch.append(pending.get())
         try:
-            runs = watched.now()
+            runs = _watched.now()
             batch = [(run_id, seq) for run_id, seq in batch if run_id in runs]
             if not batch:
                 continue
@@ -120,20 +124,34 @@ def _publish(pending: queue.SimpleQueue[tuple[int, int]]) -> None:
 
 
 class WatchedRuns:
-    """A process's copy of the runs the streams watch (WATCHED), read again once older than WATCHED_MAX_AGE."""
+    """A process's copy of the runs the streams watch (WATCHED), read again once older than WATCHED_MAX_AGE.
+
+    Read again by the publisher thread only (``now``); any thread may look
+    at it (``leaves_out``). The copy and when it was asked for are replaced
+    together, as one tuple.
+    """
 
     def __init__(self) -> None:
-        self._runs: frozenset[int] = frozenset()
-        self._asked_at = float("-inf")
+        self._copy: tuple[float, frozenset[int]] = (float("-inf"), frozenset())
 
     def now(self) -> frozenset[int]:
         """The watched runs as of at most WATCHED_MAX_AGE ago (as of when the read was sent)."""
         asked_at = time.monotonic()
-        if asked_at - self._asked_at > WATCHED_MAX_AGE:
+        last_asked_at, runs = self._copy
+        if asked_at - last_asked_at > WATCHED_MAX_AGE:
             members = cast(list[bytes], _redis().zrangebyscore(WATCHED, time.time(), "+inf"))
-            self._runs = frozenset(int(member.split(b":", 1)[0]) for member in members)
-            self._asked_at = asked_at
-        return self._runs
+            runs = frozenset(int(member.split(b":", 1)[0]) for member in members)
+            self._copy = (asked_at, runs)
+        return runs
+
+    def leaves_out(self, run_id: int) -> bool:
+        """Whether the copy is no older than WATCHED_MAX_AGE and ``run_id`` is not in it (no read of Redis)."""
+        asked_at, runs = self._copy
+        return time.monotonic() - asked_at <= WATCHED_MAX_AGE and run_id not in runs
+
+
+# This process's copy (a forked child's starts from its parent's, as fresh as it was).
+_watched = WatchedRuns()
 
 
 def cloudevent(event: RunEvent) -> CloudEvent:

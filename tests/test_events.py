@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -240,3 +241,18 @@ def test_a_runs_events_are_announced_only_while_a_stream_watches_it():
         assert not announced(3)
     finally:
         listener.close()
+
+
+def test_an_announcement_a_fresh_copy_of_the_watched_runs_leaves_out_wakes_no_thread(monkeypatch):
+    run_id = 2_000_000_002
+    handed: list[tuple[int, int]] = []
+    monkeypatch.setattr(events, "_announcements", lambda: SimpleNamespace(put=handed.append))
+
+    events._watched.now()  # a copy read just now, without the run
+    events.announce(run_id, 1)
+    monkeypatch.setattr(events._watched, "_copy", (time.monotonic() - 2 * events.WATCHED_MAX_AGE, frozenset()))
+    events.announce(run_id, 2)  # too old a copy to decide on: the publisher thread reads WATCHED again
+    monkeypatch.setattr(events._watched, "_copy", (time.monotonic(), frozenset({run_id})))
+    events.announce(run_id, 3)
+
+    assert handed == [(run_id, 2), (run_id, 3)]
