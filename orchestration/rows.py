@@ -11,7 +11,8 @@ them; ``Insert.execute`` runs the one statement and gives the rows their ids.
 ``insert_family`` inserts a row with rows that refer to it; on PostgreSQL
 in one statement (a data-modifying WITH), not a transaction of one INSERT
 each: a new run's creation was seven round trips, it is three
-(docs/performance.md).
+(docs/performance.md). Its text is the same for runs of any shape
+(``columnwise``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Insert:
     columns: tuple[str, ...]  # the inserted columns' attnames, in the statement's order
     into: str  # the statement's table and columns, quoted: "table" ("a", "b")
     pk: str  # the primary key's column, quoted
+    types: tuple[str, ...]  # the inserted columns' database types, in the statement's order
     on_conflict: str = ""  # an ON CONFLICT clause (``update_on_conflict``)
 
     @classmethod
@@ -56,8 +58,9 @@ class Insert:
         columns = tuple(field.attname for field in fields)
         into = f"{quote(meta.db_table)} ({', '.join(quote(_column(field)) for field in fields)})"
         pk = quote(_column(meta.pk))
-        sql = _insert_sql(into, columns, len(rows), pk, {}, on_conflict)
-        return cls(rows, sql, params, places, columns, into, pk, on_conflict)
+        types = tuple(cast(str, field.db_type(connection)) for field in fields)
+        sql = _insert_sql(into, columns, len(rows), pk, on_conflict)
+        return cls(rows, sql, params, places, columns, into, pk, types, on_conflict)
 
     def execute(self, **later: Any) -> None:
         """Insert the rows, with the ``later`` columns' values; each row gets its id, as saved rows have."""
@@ -66,11 +69,25 @@ class Insert:
             ids = [pk for (pk,) in cursor.fetchall()]
         self._saved(ids, later)
 
-    def statement(self, later: Mapping[str, Any], sql_for: Mapping[str, str]) -> tuple[str, list[Any]]:
-        """The INSERT and its parameters, with the ``later`` columns' values and the ``sql_for`` columns as SQL."""
-        skipped = {place for name in sql_for for place in self.later[name]}
-        params = [param for place, param in enumerate(self._params(later)) if place not in skipped]
-        return _insert_sql(self.into, self.columns, len(self.rows), self.pk, sql_for, self.on_conflict), params
+    def columnwise(self, later: Mapping[str, Any], sql_for: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """The INSERT and its parameters, with the ``later`` columns' values and the ``sql_for`` columns as SQL.
+
+        PostgreSQL's form: an array per column (``unnest``), not a VALUES row
+        per row, so neither its text nor its number of parameters depends on
+        the number of rows: psycopg parses it once per process (it parses anew every
+        statement of over 50 parameters, and a ``chain3`` run's rows were 98)
+        and PostgreSQL prepares it once per connection, for runs of any shape.
+        Rows come out of ``unnest`` in their order, so their ids are too.
+        """
+        params, width = self._params(later), len(self.columns)
+        given = [n for n, column in enumerate(self.columns) if column not in sql_for]
+        arrays = [[params[row * width + n] for row in range(len(self.rows))] for n in given]
+        select = ", ".join(sql_for.get(column, f"c{n}") for n, column in enumerate(self.columns))
+        unnest = ", ".join(f"%s::{self.types[n]}[]" for n in given)
+        names = ", ".join(f"c{n}" for n in given)
+        conflict = f" {self.on_conflict}" if self.on_conflict else ""
+        sql = f"INSERT INTO {self.into} SELECT {select} FROM unnest({unnest}) AS given({names}){conflict}"
+        return f"{sql} RETURNING {self.pk}", arrays
 
     def _params(self, later: Mapping[str, Any]) -> list[Any]:
         params = list(self.params)
@@ -102,12 +119,12 @@ def insert_family(parent: Insert, children: Sequence[Insert], link: str, **later
             for child in children:
                 child.execute(**{link: parent.rows[0].pk})
         return
-    sql, params = parent.statement(later, sql_for={})
+    sql, params = parent.sql, parent._params(later)
     ctes = [f"parent AS ({sql})"]
     parent_id_sql = f"(SELECT {parent.pk} FROM parent)"
     results = [parent_id_sql]
     for number, child in enumerate(children):
-        sql, child_params = child.statement({}, sql_for={link: parent_id_sql})
+        sql, child_params = child.columnwise({}, sql_for={link: parent_id_sql})
         ctes.append(f"child{number} AS ({sql})")
         params += child_params
         # A multi-row INSERT takes its ids from the sequence in the rows' order.
@@ -129,10 +146,8 @@ def update_on_conflict(model: type[models.Model], unique: Sequence[str], update:
     return f"ON CONFLICT ({targets}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
 
 
-def _insert_sql(
-    into: str, columns: Sequence[str], rows: int, pk: str, sql_for: Mapping[str, str], on_conflict: str
-) -> str:
-    row = "(" + ", ".join(sql_for.get(column, "%s") for column in columns) + ")"
+def _insert_sql(into: str, columns: Sequence[str], rows: int, pk: str, on_conflict: str) -> str:
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
     conflict = f" {on_conflict}" if on_conflict else ""
     return f"INSERT INTO {into} VALUES {', '.join([row] * rows)}{conflict} RETURNING {pk}"
 

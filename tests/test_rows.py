@@ -96,3 +96,24 @@ def test_a_family_insert_stores_what_separate_inserts_store(user):
     assert stored(ours.run)["waiting_for"] == ahead.pk
     for mine, other in zip(ours.steps, theirs.steps, strict=True):
         assert {**stored(mine), "run": None, "task_id": None} == {**stored(other), "run": None, "task_id": None}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement insert is PostgreSQL's")
+def test_a_runs_insert_is_one_statement_for_runs_of_any_shape(user):
+    """Its text does not grow with the steps; psycopg parses it once (it caches statements of 50 parameters at most)."""
+    from psycopg._queries import MAX_CACHED_STATEMENT_PARAMS
+
+    conversation = ConversationFactory.create(owner=user)
+    executed: list[tuple[str, int]] = []
+
+    def note(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        executed.append((sql, len(params)))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(note):
+        for spec in ({"skill": "echo"}, {"chain": [{"skill": "echo"}] * 3}, {"group": [{"skill": "echo"}] * 10}):
+            services.insert_run(services.prepare_run(owner=user, conversation=conversation, spec=spec))
+
+    assert len({sql for sql, _ in executed}) == 1
+    assert len(executed) == 3
+    assert max(count for _, count in executed) <= MAX_CACHED_STATEMENT_PARAMS
