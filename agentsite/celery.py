@@ -15,7 +15,6 @@ from celery.signals import (
     celeryd_after_setup,
     celeryd_init,
     task_postrun,
-    task_prerun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -67,10 +66,14 @@ def consume_skill_queues(sender: str, instance: Any, **kwargs: Any) -> None:
         instance.app.amqp.queues.select_add(name)
 
 
-@task_prerun.connect
 @task_postrun.connect
 def close_old_db_connections(**kwargs: Any) -> None:
-    """Drop connections that are broken or older than CONN_MAX_AGE, like a request does."""
+    """Drop connections that are broken or older than CONN_MAX_AGE, like the end of a request does.
+
+    After each task only, not before it too as a request does: a connection
+    that grew too old while idle serves one more task, and the check cost a
+    busy worker 1% of its CPU each time (docs/performance.md).
+    """
     from django.db import close_old_connections
 
     close_old_connections()
