@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from django.db import connection, models, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Insert:
         """
         meta = type(rows[0])._meta
         fields = [field for field in meta.concrete_fields if not field.primary_key]  # ids come from the database
-        quote = connection.ops.quote_name
+        # The connection itself, not the thread-local proxy the fields would look it up through each time.
+        db = connections[DEFAULT_DB_ALIAS]
+        quote = db.ops.quote_name
         params: list[Any] = []
         places: dict[str, list[int]] = {name: [] for name in later}
         for row in rows:
@@ -54,11 +56,11 @@ class Insert:
                     places[field.attname].append(len(params))
                     params.append(None)
                 else:
-                    params.append(field.get_db_prep_save(field.pre_save(row, True), connection))
+                    params.append(field.get_db_prep_save(field.pre_save(row, True), db))
         columns = tuple(field.attname for field in fields)
         into = f"{quote(meta.db_table)} ({', '.join(quote(_column(field)) for field in fields)})"
         pk = quote(_column(meta.pk))
-        types = tuple(cast(str, field.db_type(connection)) for field in fields)
+        types = tuple(cast(str, field.db_type(db)) for field in fields)
         sql = _insert_sql(into, columns, len(rows), pk, on_conflict)
         return cls(rows, sql, params, places, columns, into, pk, types, on_conflict)
 
