@@ -12,16 +12,48 @@ them; ``Insert.execute`` runs the one statement and gives the rows their ids.
 in one statement (a data-modifying WITH), not a transaction of one INSERT
 each: a new run's creation was seven round trips, it is three
 (docs/performance.md). Its text is the same for runs of any shape
-(``columnwise``).
+(``Insert.from_json``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
+from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
+from psycopg.types.json import Jsonb
+
+
+@dataclass(frozen=True)
+class Table:
+    """What an INSERT of a model's rows names: its table, columns (but the id) and id column, quoted."""
+
+    fields: tuple[models.Field[Any, Any], ...]  # the inserted fields (ids come from the database)
+    name: str  # the table
+    columns: tuple[str, ...]  # the fields' columns, in the fields' order
+    pk: str  # the primary key's column
+
+    @classmethod
+    def of(cls, model: type[models.Model]) -> Table:
+        return _tables.get(model) or _tables.setdefault(model, cls._described(model))
+
+    @classmethod
+    def _described(cls, model: type[models.Model]) -> Table:
+        meta, quote = model._meta, connection.ops.quote_name
+        fields = tuple(field for field in meta.concrete_fields if not field.primary_key)
+        return cls(fields, quote(meta.db_table), tuple(quote(_column(f)) for f in fields), quote(_column(meta.pk)))
+
+    @property
+    def into(self) -> str:
+        return f"{self.name} ({', '.join(self.columns)})"
+
+
+# Described once per process: Django computes a field's column and type anew each time it is asked.
+_tables: dict[type[models.Model], Table] = {}
 
 
 @dataclass(frozen=True)
@@ -30,10 +62,7 @@ class Insert:
     sql: str
     params: list[Any]
     later: dict[str, list[int]]  # a column given to ``execute``: its places in ``params``
-    columns: tuple[str, ...]  # the inserted columns' attnames, in the statement's order
-    into: str  # the statement's table and columns, quoted: "table" ("a", "b")
-    pk: str  # the primary key's column, quoted
-    types: tuple[str, ...]  # the inserted columns' database types, in the statement's order
+    table: Table
     on_conflict: str = ""  # an ON CONFLICT clause (``update_on_conflict``)
 
     @classmethod
@@ -43,26 +72,20 @@ class Insert:
         A single statement, so outside a transaction it is one of its own:
         no BEGIN and COMMIT round trips, as ``bulk_create`` makes.
         """
-        meta = type(rows[0])._meta
-        fields = [field for field in meta.concrete_fields if not field.primary_key]  # ids come from the database
+        table = Table.of(type(rows[0]))
         # The connection itself, not the thread-local proxy the fields would look it up through each time.
         db = connections[DEFAULT_DB_ALIAS]
-        quote = db.ops.quote_name
         params: list[Any] = []
         places: dict[str, list[int]] = {name: [] for name in later}
         for row in rows:
-            for field in fields:
+            for field in table.fields:
                 if field.attname in places:
                     places[field.attname].append(len(params))
                     params.append(None)
                 else:
                     params.append(field.get_db_prep_save(field.pre_save(row, True), db))
-        columns = tuple(field.attname for field in fields)
-        into = f"{quote(meta.db_table)} ({', '.join(quote(_column(field)) for field in fields)})"
-        pk = quote(_column(meta.pk))
-        types = tuple(cast(str, field.db_type(db)) for field in fields)
-        sql = _insert_sql(into, columns, len(rows), pk, on_conflict)
-        return cls(rows, sql, params, places, columns, into, pk, types, on_conflict)
+        sql = _insert_sql(table, len(rows), on_conflict)
+        return cls(rows, sql, params, places, table, on_conflict)
 
     def execute(self, **later: Any) -> None:
         """Insert the rows, with the ``later`` columns' values; each row gets its id, as saved rows have."""
@@ -71,25 +94,32 @@ class Insert:
             ids = [pk for (pk,) in cursor.fetchall()]
         self._saved(ids, later)
 
-    def columnwise(self, later: Mapping[str, Any], sql_for: Mapping[str, str]) -> tuple[str, list[Any]]:
-        """The INSERT and its parameters, with the ``later`` columns' values and the ``sql_for`` columns as SQL.
+    def from_json(self, sql_for: Mapping[str, str]) -> tuple[str, list[Any]]:
+        """The INSERT with its rows as one JSON parameter, and the ``sql_for`` columns (attnames) as SQL.
 
-        PostgreSQL's form: an array per column (``unnest``), not a VALUES row
-        per row, so neither its text nor its number of parameters depends on
-        the number of rows: psycopg parses it once per process (it parses anew every
-        statement of over 50 parameters, and a ``chain3`` run's rows were 98)
-        and PostgreSQL prepares it once per connection, for runs of any shape.
-        Rows come out of ``unnest`` in their order, so their ids are too.
+        PostgreSQL only (``jsonb_populate_recordset``). Neither its text nor
+        its number of parameters depends on the number of rows: psycopg
+        parses it once per process (it parses anew every statement of over
+        50 parameters, and a ``chain3`` run's rows were 98) and PostgreSQL
+        prepares it once per connection, for runs of any shape; and one JSON
+        text costs less to pass than a parameter per value. The rows come out
+        in their order, so their ids do too.
         """
-        params, width = self._params(later), len(self.columns)
-        given = [n for n, column in enumerate(self.columns) if column not in sql_for]
-        arrays = [[params[row * width + n] for row in range(len(self.rows))] for n in given]
-        select = ", ".join(sql_for.get(column, f"c{n}") for n, column in enumerate(self.columns))
-        unnest = ", ".join(f"%s::{self.types[n]}[]" for n in given)
-        names = ", ".join(f"c{n}" for n in given)
+        if missing := set(self.later) - set(sql_for):
+            raise ValueError(f"from_json takes no later values: give {sorted(missing)} as SQL")
+        fields, width = self.table.fields, len(self.table.fields)
+        given = [n for n, field in enumerate(fields) if field.attname not in sql_for]
+        rows = [
+            {_column(fields[n]): _json_value(self.params[row * width + n]) for n in given}
+            for row in range(len(self.rows))
+        ]
+        select = ", ".join(
+            sql_for.get(field.attname, column) for field, column in zip(fields, self.table.columns, strict=True)
+        )
+        records = f"jsonb_populate_recordset(NULL::{self.table.name}, %s::jsonb)"
         conflict = f" {self.on_conflict}" if self.on_conflict else ""
-        sql = f"INSERT INTO {self.into} SELECT {select} FROM unnest({unnest}) AS given({names}){conflict}"
-        return f"{sql} RETURNING {self.pk}", arrays
+        sql = f"INSERT INTO {self.table.into} SELECT {select} FROM {records}{conflict} RETURNING {self.table.pk}"
+        return sql, [json.dumps(rows, ensure_ascii=False, allow_nan=False)]
 
     def _params(self, later: Mapping[str, Any]) -> list[Any]:
         params = list(self.params)
@@ -123,14 +153,14 @@ def insert_family(parent: Insert, children: Sequence[Insert], link: str, **later
         return
     sql, params = parent.sql, parent._params(later)
     ctes = [f"parent AS ({sql})"]
-    parent_id_sql = f"(SELECT {parent.pk} FROM parent)"
+    parent_id_sql = f"(SELECT {parent.table.pk} FROM parent)"
     results = [parent_id_sql]
     for number, child in enumerate(children):
-        sql, child_params = child.columnwise({}, sql_for={link: parent_id_sql})
+        sql, child_params = child.from_json(sql_for={link: parent_id_sql})
         ctes.append(f"child{number} AS ({sql})")
         params += child_params
         # A multi-row INSERT takes its ids from the sequence in the rows' order.
-        results.append(f"ARRAY(SELECT {child.pk} FROM child{number} ORDER BY {child.pk})")
+        results.append(f"ARRAY(SELECT {child.table.pk} FROM child{number} ORDER BY {child.table.pk})")
     with connection.cursor() as cursor:
         cursor.execute(f"WITH {', '.join(ctes)} SELECT {', '.join(results)}", params)
         parent_id, *children_ids = cursor.fetchone()
@@ -148,10 +178,21 @@ def update_on_conflict(model: type[models.Model], unique: Sequence[str], update:
     return f"ON CONFLICT ({targets}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
 
 
-def _insert_sql(into: str, columns: Sequence[str], rows: int, pk: str, on_conflict: str) -> str:
-    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+def _insert_sql(table: Table, rows: int, on_conflict: str) -> str:
+    row = "(" + ", ".join(["%s"] * len(table.columns)) + ")"
     conflict = f" {on_conflict}" if on_conflict else ""
-    return f"INSERT INTO {into} VALUES {', '.join([row] * rows)}{conflict} RETURNING {pk}"
+    return f"INSERT INTO {table.into} VALUES {', '.join([row] * rows)}{conflict} RETURNING {table.pk}"
+
+
+def _json_value(param: Any) -> Any:
+    """A column's value as ``from_json`` passes it: what PostgreSQL reads back as the value the ORM would store."""
+    if isinstance(param, Jsonb):
+        return param.obj  # a JSONField's (no encoder of its own here: as json.dumps gives it)
+    if isinstance(param, datetime):
+        return param.isoformat()  # with its offset, to the microsecond
+    if isinstance(param, UUID):
+        return str(param)
+    return param
 
 
 def _column(field: Any) -> str:

@@ -70,6 +70,9 @@ def test_a_run_goes_in_with_its_prepared_inserts_alone(user):
             f"INSERT INTO {connection.ops.quote_name(t)}" for t in tables
         ]
     assert list(run.events.values_list("seq", "type", "data")) == [(1, "run.queued", {"steps": 3})]
+    first_event = new.inserts[2].rows[0]
+    assert isinstance(first_event, RunEvent)
+    assert run.events.get().created_at == first_event.created_at  # to the microsecond
     assert Run.objects.get(pk=run.pk).last_event_seq == 1
     assert [(step.pk, step.run_id) for step in new.steps] == list(run.steps.order_by("key").values_list("pk", "run_id"))
     assert [stored(step) for step in new.steps] == [stored(Step.objects.get(pk=step.pk)) for step in new.steps]
