@@ -39,7 +39,10 @@ class Table:
 
     @classmethod
     def of(cls, model: type[models.Model]) -> Table:
-        return _tables.get(model) or _tables.setdefault(model, cls._described(model))
+        table = _tables.get(model)
+        if table is None:
+            table = _tables[model] = cls._described(model)
+        return table
 
     @classmethod
     def _described(cls, model: type[models.Model]) -> Table:
@@ -52,7 +55,7 @@ class Table:
         return f"{self.name} ({', '.join(self.columns)})"
 
 
-# Described once per process: Django computes a field's column and type anew each time it is asked.
+# Described once per process, not for every INSERT (a run's creation makes three).
 _tables: dict[type[models.Model], Table] = {}
 
 
@@ -119,7 +122,7 @@ class Insert:
         records = f"jsonb_populate_recordset(NULL::{self.table.name}, %s::jsonb)"
         conflict = f" {self.on_conflict}" if self.on_conflict else ""
         sql = f"INSERT INTO {self.table.into} SELECT {select} FROM {records}{conflict} RETURNING {self.table.pk}"
-        return sql, [json.dumps(rows, ensure_ascii=False, allow_nan=False)]
+        return sql, [json.dumps(rows, allow_nan=False)]
 
     def _params(self, later: Mapping[str, Any]) -> list[Any]:
         params = list(self.params)
