@@ -94,6 +94,20 @@ def test_it_rejects_a_nul_character_in_json_naming_where(api, conversation):
     }
 
 
+def test_it_rejects_an_unpaired_surrogate_in_json_naming_where(api, conversation):
+    """JSON may escape one ("\\ud800"), but no database stores it: 400, not a failed insert."""
+    body = '{"spec": {"skill": "echo", "args": {"value": "a\\ud800b"}}, "input": {"\\udfff": 1}}'
+
+    response = api.post(runs_url(conversation), body, content_type="application/json")
+
+    assert response.status_code == 400, response.content
+    assert response.json() == {
+        "spec": ["spec.args.value: strings must not contain an unpaired surrogate (U+D800)"],
+        "input": ["input: strings must not contain an unpaired surrogate (U+DFFF)"],
+    }
+    assert not Run.objects.exists()
+
+
 def test_it_answers_404_for_another_users_conversation(api, other_user):
     theirs = ConversationFactory.create(owner=other_user)
 

@@ -16,18 +16,31 @@ from orchestration.services import find_workflow, workflows_of
 from orchestration.spec import SpecError, plan
 
 
-def reject_nul(value: Any, path: str = "") -> None:
-    """PostgreSQL cannot store U+0000 in text or jsonb: refuse it up front."""
+def reject_unstorable(value: Any, path: str = "") -> None:
+    """Refuse, naming where, a string a database cannot store.
+
+    U+0000 (PostgreSQL's text and jsonb cannot hold it), and an unpaired
+    surrogate (JSON may escape one, but no UTF-8 encodes it).
+    """
     if isinstance(value, str):
+        where = path or "value"
         if "\x00" in value:
-            raise serializers.ValidationError(f"{path or 'value'}: strings must not contain the NUL character")
+            raise serializers.ValidationError(f"{where}: strings must not contain the NUL character")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                surrogate = ord(value[exc.start])
+                raise serializers.ValidationError(
+                    f"{where}: strings must not contain an unpaired surrogate (U+{surrogate:X})"
+                ) from exc
     elif isinstance(value, dict):
         for key, item in value.items():
-            reject_nul(key, path)
-            reject_nul(item, f"{path}.{key}" if path else str(key))
+            reject_unstorable(key, path)
+            reject_unstorable(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            reject_nul(item, f"{path}[{index}]")
+            reject_unstorable(item, f"{path}[{index}]")
 
 
 def json_size(value: Any) -> int:
@@ -42,8 +55,8 @@ def reject_larger_than(value: Any, limit: int, path: str) -> None:
 
 
 def validate_spec(spec: Any) -> Any:
+    reject_unstorable(spec, "spec")  # first: the size is counted in UTF-8
     reject_larger_than(spec, settings.SPEC_MAX_BYTES, "spec")
-    reject_nul(spec, "spec")
     try:
         plan(spec)
     except SpecError as exc:
@@ -56,8 +69,8 @@ class SpecField(serializers.JSONField):
 
 
 def validate_input(value: Any) -> Any:
+    reject_unstorable(value, "input")  # first: the size is counted in UTF-8
     reject_larger_than(value, settings.RUN_INPUT_MAX_BYTES, "input")
-    reject_nul(value, "input")
     return value
 
 
