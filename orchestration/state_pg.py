@@ -55,19 +55,28 @@ CLAIMED_FIELDS = (
     "lease_until",
 )
 
+# The step's run's row, locked before the step's: whatever ends a run (cancel,
+# fail, interrupt, the last step) locks the run's row and then updates its
+# steps, and a statement that locked a step first and then its run
+# deadlocked with it. ``step_`` refers to it, so it runs first.
+_LOCK_RUN = """run_lock AS (
+    SELECT id FROM orchestration_run
+    WHERE id = (SELECT run_id FROM orchestration_step WHERE id = %(step_id)s){active} FOR UPDATE
+)"""
+
 # A pending step of an active run that this delivery did not hold before (not
 # a redelivery): hold it (and start its
 # run, if queued) and write the events, as state._hold does. The run's row is
 # locked (FOR UPDATE) before its seq is taken, which orders its events.
 CLAIM = f"""
-WITH step_ AS (
+WITH {_LOCK_RUN.format(active=f" AND status IN {_ACTIVE}")},
+step_ AS (
     UPDATE orchestration_step AS s
     SET status = 'running', delivery = %(delivery)s, attempts = s.attempts + 1,
         started_at = COALESCE(s.started_at, %(now)s),
         lease_until = %(now)s + make_interval(secs => s.time_limit + %(grace)s)
-    FROM orchestration_run AS r
     WHERE s.id = %(step_id)s AND s.status = 'pending' AND s.delivery <> %(delivery)s
-      AND r.id = s.run_id AND r.status IN {_ACTIVE}
+      AND s.run_id = (SELECT id FROM run_lock)
     RETURNING {", ".join(f"s.{name}" for name in CLAIMED_FIELDS)}
 ),
 run_ AS (
@@ -95,11 +104,13 @@ FROM step_ CROSS JOIN run_ LEFT JOIN orchestration_conversation AS c ON c.id = r
 """
 
 # The held step succeeded, and its run goes on: state._finish_step without finishes_run.
-STORE = """
-WITH step_ AS (
+STORE = f"""
+WITH {_LOCK_RUN.format(active="")},
+step_ AS (
     UPDATE orchestration_step SET status = 'succeeded', output = %(output)s, error = '',
         finished_at = %(now)s, lease_until = %(now)s, cached = %(cached)s
     WHERE id = %(step_id)s AND status = 'running' AND delivery = %(delivery)s
+      AND run_id = (SELECT id FROM run_lock)
     RETURNING run_id
 ),
 run_ AS (
@@ -115,10 +126,12 @@ RETURNING seq
 # (state._finish_step with finishes_run, then state._end_run). Runs with a
 # webhook take the general way (its delivery row is built from the ended run).
 STORE_LAST = f"""
-WITH step_ AS (
+WITH {_LOCK_RUN.format(active="")},
+step_ AS (
     UPDATE orchestration_step AS s SET status = 'succeeded', output = %(output)s, error = '',
         finished_at = %(now)s, lease_until = %(now)s, cached = %(cached)s
     WHERE s.id = %(step_id)s AND s.status = 'running' AND s.delivery = %(delivery)s
+      AND s.run_id = (SELECT id FROM run_lock)
       AND NOT EXISTS (SELECT 1 FROM orchestration_run AS r WHERE r.id = s.run_id AND r.webhook_url <> '')
     RETURNING s.run_id
 ),

@@ -11,6 +11,7 @@ one query).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -332,3 +333,52 @@ def test_a_claim_changes_nothing_if_another_claimed_the_step_after_it_was_read()
     first.refresh_from_db()
     assert (first.delivery, first.attempts) == ("other", 1)
     assert [type for _, type, *_ in events_of(run)] == ["run.running", "step.running"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's row locks")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("held", [False, True])
+def test_a_step_transition_locks_its_run_before_the_step(held):
+    """As whatever ends a run does (its row, then its steps): the other order deadlocked with it.
+
+    Another session locks the run, as a cancel does, and meanwhile the step
+    is claimed (or, ``held``, its output stored); the other session then
+    updates the run's steps and ends the run without waiting for the
+    transition, which then finds the run ended and leaves it to the general way.
+    """
+    import psycopg
+    from django.utils import timezone
+
+    from orchestration import state_pg
+
+    run, first, _ = chain_of_two()
+    if held:
+        Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
+        Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
+    outcome: list[Any] = []
+
+    def transition() -> None:
+        try:
+            if held:
+                outcome.append(state_pg.store(first.pk, run.pk, {"x": 1}, "d", timezone.now(), finishes_run=False))
+            else:
+                outcome.append(state_pg.claim(first.pk, "d", timezone.now()))
+        finally:
+            connection.close()
+
+    ender = psycopg.connect(**connection.get_connection_params())
+    try:
+        with ender.transaction():
+            ender.execute("SET LOCAL lock_timeout = '3s'")
+            ender.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE", [run.pk])
+            thread = threading.Thread(target=transition)
+            thread.start()
+            time.sleep(0.5)  # the transition waits for the run by now
+            ender.execute("UPDATE orchestration_step SET status = 'cancelled' WHERE run_id = %s", [run.pk])
+            ender.execute("UPDATE orchestration_run SET status = 'cancelled' WHERE id = %s", [run.pk])
+        thread.join(10)
+    finally:
+        ender.close()
+
+    assert outcome == [None]
+    assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.CANCELLED}
