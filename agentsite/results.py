@@ -4,11 +4,10 @@ django-celery-results decrements a counter each time a header task reports.
 A header task that runs twice (a redelivery after a lost worker, or a step
 that replays its stored output) decrements it twice, so the counter reaches
 zero early and the chord body never runs (django-celery-results #177, PR
-#397). Here the counter row is only a lock: under it we ask whether every
-header result is ready, and the one that sees them all ready fires the body
-and deletes the row, so a late or repeated report finds no row and does
-nothing. A report that finds the header not yet complete (read without the
-lock) does not take it.
+#397). Here the counter row is only a token: a report that finds every
+header result ready deletes it, and the one whose delete removed the row
+fires the body, so a late or repeated report finds no row and does nothing.
+A report that finds the header not yet complete leaves the row alone.
 
 It also survives a database outage: a result it cannot store is logged and
 dropped (see ``_store_result``), and it stores a canvas task's success only
@@ -19,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from celery import states
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult
-from django.db import InterfaceError, OperationalError, router, transaction
+from django.db import InterfaceError, OperationalError, connections, router
 from django_celery_results.backends.database import DatabaseBackend, trigger_callback
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
@@ -77,17 +76,14 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
         if not group_id or not request.id:
             return
         header_ids = _header_ids(group_id, self.app)
-        if header_ids is None or not _all_ready(_states(header_ids)):
+        if header_ids is None:
+            return  # not our chord, or its body was fired
+        header_states = _states(header_ids)
+        if not _all_ready(header_states):
             return  # the common case: a later member's report fires the body
-        with transaction.atomic(using=router.db_for_write(ChordCounter)):
-            counter = ChordCounter.objects.select_for_update().filter(group_id=group_id).first()
-            if counter is None:
-                return  # the body was already fired, or this is not our chord
-            header = counter.group_result(app=self.app)
-            header_states = _states(_leaf_ids(header))
-            if not _all_ready(header_states):
-                return
-            counter.delete()
+        header = _take_counter(group_id, self.app)
+        if header is None:
+            return  # another report that saw them all ready took it
         callback = maybe_signature(request.chord, app=self.app)
         failed = [task_id for task_id, s in header_states.items() if s != states.SUCCESS]
         if failed:
@@ -115,7 +111,9 @@ def fire_body(app: Any, callback: Any, group_result: GroupResult) -> None:
         trigger_callback(app=app, callback=callback, group_result=group_result)
         return
     ids = [member.id for member in members]
-    rows = TaskResult.objects.filter(task_id__in=ids).values_list("task_id", "content_encoding", "result")
+    rows = _query(
+        f"SELECT task_id, content_encoding, result FROM {_RESULTS} WHERE task_id IN ({_placeholders(ids)})", ids
+    )
     backend = app.backend
     results = {task_id: backend.decode_content(_Encoded(encoding), result) for task_id, encoding, result in rows}
     try:
@@ -146,13 +144,27 @@ def _header_ids(group_id: str, app: Any) -> list[str] | None:
     """
     ids = _headers.get(group_id)
     if ids is None:
-        counter = ChordCounter.objects.filter(group_id=group_id).first()
-        if counter is None:
+        rows = _query(f"SELECT sub_tasks FROM {_COUNTERS} WHERE group_id = %s", [group_id])
+        if not rows:
             return None
-        ids = _headers[group_id] = tuple(_leaf_ids(counter.group_result(app=app)))
+        ids = _headers[group_id] = tuple(_leaf_ids(_group_result(group_id, rows[0][0], app)))
         if len(_headers) > HEADERS_KEPT:
             _headers.popitem(last=False)
     return list(ids)
+
+
+def _take_counter(group_id: str, app: Any) -> GroupResult | None:
+    """Delete the chord's counter: its header if this call deleted it, else None (another report did).
+
+    One statement: of reports that all saw the header ready at once, the
+    database lets one delete the row, and that one fires the body.
+    """
+    rows = _query(f"DELETE FROM {_COUNTERS} WHERE group_id = %s RETURNING sub_tasks", [group_id])
+    return _group_result(group_id, rows[0][0], app) if rows else None
+
+
+def _group_result(group_id: str, sub_tasks: str, app: Any) -> GroupResult:
+    return cast(GroupResult, ChordCounter(group_id=group_id, sub_tasks=sub_tasks).group_result(app=app))
 
 
 def _all_ready(header_states: dict[str, str]) -> bool:
@@ -167,5 +179,23 @@ def _leaf_ids(result: Any) -> list[str]:
 
 def _states(task_ids: list[str]) -> dict[str, str]:
     """One query: each header task's stored state (PENDING when none yet)."""
-    stored = dict(TaskResult.objects.filter(task_id__in=task_ids).values_list("task_id", "status"))
+    stored = dict(
+        _query(f"SELECT task_id, status FROM {_RESULTS} WHERE task_id IN ({_placeholders(task_ids)})", task_ids)
+    )
     return {task_id: stored.get(task_id, states.PENDING) for task_id in task_ids}
+
+
+# The chord's reads and writes are SQL of our own: through the ORM, building
+# each query cost twice what running it did (docs/performance.md).
+_COUNTERS = ChordCounter._meta.db_table
+_RESULTS = TaskResult._meta.db_table
+
+
+def _query(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    with connections[router.db_for_write(TaskResult)].cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _placeholders(values: list[Any]) -> str:
+    return ", ".join(["%s"] * len(values))

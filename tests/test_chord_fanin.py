@@ -157,6 +157,20 @@ def test_after_its_first_report_here_a_chords_header_is_not_read_again(fired):
     assert len(fired) == 1
 
 
+@pytest.mark.django_db
+def test_the_last_report_reads_the_states_then_takes_the_counter_with_one_delete(fired, django_assert_num_queries):
+    chord = Chord(2)
+    chord.finish(0)
+    app.backend.store_result(chord.task_ids[1], "out-1", states.SUCCESS)
+
+    with django_assert_num_queries(2) as queries:
+        app.backend.on_chord_part_return(chord.request(chord.task_ids[1]), states.SUCCESS, "out-1")
+
+    assert queries.captured_queries[1]["sql"].startswith("DELETE")
+    assert len(fired) == 1
+    assert [r.id for r in fired[0]["group_result"].results or []] == chord.task_ids
+
+
 class RecordedBody:
     """A chord body that records what it is sent."""
 
