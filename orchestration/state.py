@@ -207,6 +207,7 @@ def _hold_own_copy(step: Step, delivery: str) -> ClaimOutcome:
 
 
 def _hold(step: Step, delivery: str) -> ClaimOutcome:
+    _lock_run(step.run_id)
     now = timezone.now()
     redelivered = step.status == StepStatus.PENDING and step.delivery == delivery
     held = Step.objects.filter(pk=step.pk, status=step.status, delivery=step.delivery).update(
@@ -242,6 +243,7 @@ def release_lost_step(step_id: int, delivery: str, counted: bool = True) -> bool
         if row is None:
             return False
         run_id, redeliveries, skill = row
+        _lock_run(run_id)
         if counted and redeliveries >= settings.STEP_MAX_REDELIVERIES:
             lost = redeliveries + 1
             error = f"gave up: its worker was lost {lost} times while running it (crash or out of memory?)"
@@ -310,6 +312,7 @@ def retry_step(step: StepRef, error: str, countdown: float, timed_out: bool = Fa
     """The attempt failed (``timed_out``: at its soft limit); the step waits ``countdown`` seconds for the next."""
     lease = timezone.now() + timedelta(seconds=countdown + settings.STEP_LEASE_GRACE)
     with transaction.atomic(savepoint=False):
+        _lock_run(step.run_id)
         retried = Step.objects.filter(pk=step.id, status=StepStatus.RUNNING).update(
             status=StepStatus.PENDING, error=error, lease_until=lease
         )
@@ -337,6 +340,7 @@ def wait_step(step: StepRef, delivery: str, wait: dict[str, Any]) -> bool:
     wait = {**wait, "timeout_at": until.isoformat()}
     held = Step.objects.filter(pk=step.id, status=StepStatus.RUNNING, delivery=delivery, wait__isnull=True)
     with transaction.atomic(savepoint=False):
+        _lock_run(step.run_id)
         if not held.update(wait=wait, lease_until=until, error=""):
             return False
         if not Run.objects.filter(pk=step.run_id, status__in=ACTIVE_RUN_STATUSES).update(status=RunStatus.WAITING):
@@ -433,6 +437,19 @@ def run_of_step(step_id: int) -> int:
     return Step.objects.values_list("run_id", flat=True).get(pk=step_id)
 
 
+def _lock_run(run_id: int) -> None:
+    """Lock the run's row until the transaction ends: a transition that changes a step locks its run first.
+
+    Whatever ends a run locks its row and then its steps (``_end_run``), and
+    so do the one-statement claim and store (state_pg). A transition that
+    updated a step and then took its run's next event seq locked them the
+    other way round, and the two could deadlock. SQLite needs no row lock:
+    a transaction there holds the database's one write lock (settings).
+    """
+    if connection.features.has_select_for_update:
+        list(Run.objects.select_for_update(no_key=True).filter(pk=run_id).values_list("pk"))
+
+
 def _lock_active(run_id: int) -> bool:
     """Lock the run's row (until the transaction ends) if it is active; whether it is."""
     active = Run.objects.select_for_update().filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES)
@@ -486,6 +503,7 @@ def _finish_step(
         steps = steps.filter(task_id=task_id)
     now = timezone.now()
     with transaction.atomic(savepoint=False):
+        _lock_run(step.run_id)
         changed = steps.update(
             status=status, output=output, error=error, finished_at=now, lease_until=now, cached=cached
         )
@@ -671,6 +689,7 @@ def resume_run(run_id: int) -> bool:
     """
     now = timezone.now()
     with transaction.atomic(savepoint=False):
+        _lock_run(run_id)
         lost = list(Step.objects.filter(run_id=run_id, status=StepStatus.RUNNING, lease_until__lt=now))
         for step in lost:
             if step.redeliveries >= settings.STEP_MAX_REDELIVERIES:

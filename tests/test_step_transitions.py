@@ -335,34 +335,23 @@ def test_a_claim_changes_nothing_if_another_claimed_the_step_after_it_was_read()
     assert [type for _, type, *_ in events_of(run)] == ["run.running", "step.running"]
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's row locks")
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("held", [False, True])
-def test_a_step_transition_locks_its_run_before_the_step(held):
-    """As whatever ends a run does (its row, then its steps): the other order deadlocked with it.
+def cancelled_meanwhile(run: Run, transition: Any) -> list[Any]:
+    """Run ``transition`` while another session, as a cancel does, holds the run's lock; what it returned.
 
-    Another session locks the run, as a cancel does, and meanwhile the step
-    is claimed (or, ``held``, its output stored); the other session then
-    updates the run's steps and ends the run without waiting for the
-    transition, which then finds the run ended and leaves it to the general way.
+    The other session locks the run's row, waits until the transition has
+    started (and waits for the run, if it locks the run first), then updates
+    the run's steps and ends the run. A transition that locked a step first
+    and then the run deadlocks with it: PostgreSQL aborts one of the two.
     """
     import psycopg
-    from django.utils import timezone
 
-    from orchestration import state_pg
-
-    run, first, _ = chain_of_two()
-    if held:
-        Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
-        Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
     outcome: list[Any] = []
 
-    def transition() -> None:
+    def transition_then_close() -> None:
         try:
-            if held:
-                outcome.append(state_pg.store(first.pk, run.pk, {"x": 1}, "d", timezone.now(), finishes_run=False))
-            else:
-                outcome.append(state_pg.claim(first.pk, "d", timezone.now()))
+            outcome.append(transition())
+        except Exception as exc:  # noqa: BLE001 - a deadlock, surfaced by the caller's assert
+            outcome.append(exc)
         finally:
             connection.close()
 
@@ -371,7 +360,7 @@ def test_a_step_transition_locks_its_run_before_the_step(held):
         with ender.transaction():
             ender.execute("SET LOCAL lock_timeout = '3s'")
             ender.execute("SELECT id FROM orchestration_run WHERE id = %s FOR UPDATE", [run.pk])
-            thread = threading.Thread(target=transition)
+            thread = threading.Thread(target=transition_then_close)
             thread.start()
             time.sleep(0.5)  # the transition waits for the run by now
             ender.execute("UPDATE orchestration_step SET status = 'cancelled' WHERE run_id = %s", [run.pk])
@@ -379,6 +368,57 @@ def test_a_step_transition_locks_its_run_before_the_step(held):
         thread.join(10)
     finally:
         ender.close()
+    return outcome
 
-    assert outcome == [None]
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's row locks")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("held", [False, True])
+def test_a_step_transition_locks_its_run_before_the_step(held):
+    """As whatever ends a run does (its row, then its steps): the other order deadlocked with it.
+
+    The step is claimed (or, ``held``, its output stored) in one statement
+    while a cancel holds the run; the transition then finds the run ended
+    and leaves it to the general way.
+    """
+    from django.utils import timezone
+
+    from orchestration import state_pg
+
+    run, first, _ = chain_of_two()
+    if held:
+        Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
+        Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
+
+    def transition() -> Any:
+        if held:
+            return state_pg.store(first.pk, run.pk, {"x": 1}, "d", timezone.now(), finishes_run=False)
+        return state_pg.claim(first.pk, "d", timezone.now())
+
+    assert cancelled_meanwhile(run, transition) == [None]
     assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.CANCELLED}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's row locks")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("name", ["retry", "skip", "fail", "wait", "release"])
+def test_a_transition_through_the_orm_locks_its_run_before_the_step_too(name):
+    """A retry, a skip, a failure, a wait or a lost worker's release while a cancel holds the run: no deadlock."""
+    run, first, _ = chain_of_two()
+    Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
+    first.refresh_from_db()
+    ref = state.StepRef.of(first)
+    transitions = {
+        "retry": lambda: state.retry_step(ref, "boom", countdown=1.0),
+        "skip": lambda: state.skip_step(ref, "boom", "d"),
+        "fail": lambda: state.fail_step(first.pk, "boom"),
+        "wait": lambda: state.wait_step(ref, "d", {"prompt": "?", "timeout": 60}),
+        "release": lambda: state.release_lost_step(first.pk, "d"),
+    }
+
+    outcome = cancelled_meanwhile(run, transitions[name])
+
+    assert outcome in ([None], [False])  # it found the step cancelled, and changed nothing
+    assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.CANCELLED}
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
