@@ -58,16 +58,17 @@ CLAIMED_FIELDS = (
 # The step's run's row, locked before the step's: whatever ends a run (cancel,
 # fail, interrupt, the last step) locks the run's row and then updates its
 # steps, and a statement that locked a step first and then its run
-# deadlocked with it. ``step_`` refers to it, so it runs first.
+# deadlocked with it. ``step_`` refers to it, so it runs first; ``run_``
+# reads the run's fields from it (the row as locked), not again.
 _LOCK_RUN = """run_lock AS (
-    SELECT id FROM orchestration_run
+    SELECT id, status, started_at, last_event_seq FROM orchestration_run
     WHERE id = (SELECT run_id FROM orchestration_step WHERE id = %(step_id)s){active} FOR UPDATE
 )"""
 
 # A pending step of an active run that this delivery did not hold before (not
 # a redelivery): hold it (and start its
 # run, if queued) and write the events, as state._hold does. The run's row is
-# locked (FOR UPDATE) before its seq is taken, which orders its events.
+# locked (FOR UPDATE, run_lock) before its seq is taken, which orders its events.
 CLAIM = f"""
 WITH {_LOCK_RUN.format(active=f" AND status IN {_ACTIVE}")},
 step_ AS (
@@ -84,10 +85,7 @@ run_ AS (
     SET status = CASE WHEN old.status = 'queued' THEN 'running' ELSE old.status END,
         started_at = CASE WHEN old.status = 'queued' THEN %(now)s ELSE old.started_at END,
         last_event_seq = old.last_event_seq + CASE WHEN old.status = 'queued' THEN 2 ELSE 1 END
-    FROM (
-        SELECT id, status, started_at, last_event_seq FROM orchestration_run
-        WHERE id = (SELECT run_id FROM step_) FOR UPDATE
-    ) AS old
+    FROM (SELECT * FROM run_lock WHERE id = (SELECT run_id FROM step_)) AS old
     WHERE r.id = old.id
     RETURNING r.id, r.status, r.conversation_id, r.last_event_seq, old.status = 'queued' AS started
 ),
@@ -143,10 +141,7 @@ run_ AS (
         started_at = CASE WHEN old.active THEN COALESCE(r.started_at, %(now)s) ELSE r.started_at END,
         finished_at = CASE WHEN old.active THEN %(now)s ELSE r.finished_at END,
         last_event_seq = r.last_event_seq + CASE WHEN old.active THEN 2 ELSE 1 END
-    FROM (
-        SELECT id, status IN {_ACTIVE} AS active FROM orchestration_run
-        WHERE id = (SELECT run_id FROM step_) FOR UPDATE
-    ) AS old
+    FROM (SELECT id, status IN {_ACTIVE} AS active FROM run_lock WHERE id = (SELECT run_id FROM step_)) AS old
     WHERE r.id = old.id
     RETURNING r.id, r.conversation_id, r.workflow_id, r.last_event_seq, old.active, r.followed
 ),
