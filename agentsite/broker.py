@@ -1,16 +1,8 @@
-"""kombu's Redis transport, with one command client per connection pool.
+"""kombu's Redis transport, with one command client per connection pool instead of one per publish or ack.
 
-kombu makes a new ``redis.Redis`` for every publish and every acknowledgement
-(``Channel.conn_or_acquire``), and redis-py's constructor copies its ~170
-response callbacks into a fresh case-insensitive dict each time: measured
-with cProfile on a worker running 3-step chains, 2.7 clients a task and 17%
-of the worker's CPU. A client holds no connection of its own (each command
-takes one from the pool and gives it back), so one client per pool serves
-every thread. The blocking client kombu keeps for BRPOP is unchanged.
-
-``use_for_redis_urls()`` (called where the Celery app is made) makes it the
-transport of ``redis://`` URLs, so the URL itself stays what Flower, the
-health check and the logs expect.
+The client borrows a pool connection per command, so every thread shares it; the blocking BRPOP client is
+kombu's own. ``use_for_redis_urls()`` makes it the transport of ``redis://`` URLs (docs/operations.md,
+"Why these defaults").
 """
 
 from __future__ import annotations
@@ -39,4 +31,5 @@ class Transport(redis.Transport):
 
 
 def use_for_redis_urls() -> None:
+    """Make this module's Transport the one of ``redis://`` URLs; call it before the Celery app connects."""
     kombu.transport.TRANSPORT_ALIASES["redis"] = f"{__name__}:Transport"

@@ -1,12 +1,8 @@
 """Start Flower safely: ``python -m agentsite.flower`` (the Procfile's flower line).
 
-Flower shows every task's arguments and results and can revoke tasks, so it
-refuses to start without ``FLOWER_BASIC_AUTH`` (``user:password``, several
-separated by commas) unless ``DEBUG`` is on, and it listens on loopback
-unless ``FLOWER_ADDRESS`` says otherwise. It keeps at most FLOWER_MAX_TASKS
-tasks in memory. The credentials reach Flower
-through its own ``FLOWER_BASIC_AUTH`` environment variable, not the command
-line, so they never show in ``ps``.
+Refuses to start without ``FLOWER_BASIC_AUTH`` unless ``DEBUG`` is on, passes it through the environment
+(never the command line), listens on loopback unless ``FLOWER_ADDRESS`` says otherwise and keeps at most
+FLOWER_MAX_TASKS tasks (docs/operations.md, "Flower").
 """
 
 from __future__ import annotations

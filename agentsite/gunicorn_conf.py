@@ -19,13 +19,9 @@ def on_starting(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """The worker loaded the app: its objects go to the permanent generation (``gc.freeze``).
+    """The worker loaded the app: load the URLconf and its views too, then ``gc.freeze`` what is loaded.
 
-    The URLconf, and the views it imports, are loaded first (else by the
-    first request). About 200,000 objects: a full collection walked them
-    all, pauses of 40 to 150 ms that every request in that process waited
-    out (ten in a minute of the bench; docs/performance.md). Objects made
-    later are collected as before.
+    Full collections then skip those objects (docs/operations.md, "Why these defaults").
     """
     from django.urls import get_resolver  # the app is loaded: Django is set up
 

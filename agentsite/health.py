@@ -1,18 +1,8 @@
-"""Liveness and readiness probes, for load balancers and orchestrators.
+"""Liveness and readiness probes, for load balancers and orchestrators (docs/operations.md, "Health checks").
 
-``/healthz`` (liveness) answers while the process serves requests and checks
-nothing else: restarting the web process would cure none of its dependencies.
-``/readyz`` (readiness) checks what serving a run needs: the database, the
-broker and at least one worker. Both are open (no authentication) and say
-nothing secret: no URLs, no credentials, no stack traces.
-
-A small view rather than django-health-check: that library answers 500, not
-503, renders each check as a string, pings the workers through the app's own
-connection on every request and gives the probe no overall deadline. Meeting
-this contract (503, ``ok``/``ms``/``error`` per check, a cached worker ping,
-the broker URL read per request, an answer within seconds whatever hangs)
-would mean replacing its view, its rendering and its Redis and Celery checks,
-which is more code than this module.
+``/healthz`` (liveness) answers while the process serves requests and checks nothing else; ``/readyz``
+(readiness) checks the database, the broker and at least one worker, 503 naming what fails. Both are open
+(no authentication) and say nothing secret: no URLs, no credentials, no stack traces.
 """
 
 from __future__ import annotations
@@ -74,11 +64,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def run_checks(checks: dict[str, Callable[[], Check]]) -> dict[str, Check]:
-    """Run the checks in parallel; a check still running at DEADLINE fails as timed out.
+    """Run the checks in parallel, each in a daemon thread; a check still running at DEADLINE fails as timed out.
 
-    Each runs in a daemon thread because a blocking driver call (a database
-    that accepted the connection and never answers) cannot be interrupted:
-    the probe answers anyway, and the thread ends when the driver gives up.
+    The result of each check gets its ``ms``; a check that raises fails with ``error`` naming it.
     """
     results: dict[str, Check] = {}
     threads = [
@@ -107,11 +95,7 @@ def _too_late(name: str) -> Check:
 
 
 def check_database() -> Check:
-    """A trivial query on a fresh connection of the default database, closed afterwards.
-
-    This thread's connection is its own (Django's are per thread), so a broken
-    one never reaches a request; closing it also keeps it from outliving the thread.
-    """
+    """A trivial query on this thread's own connection of the default database, closed afterwards."""
     connection = connections[DEFAULT_DB_ALIAS]
     try:
         with connection.cursor() as cursor:

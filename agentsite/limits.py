@@ -1,10 +1,7 @@
 """A request whose body is larger than REQUEST_MAX_BYTES is answered 413 unread.
 
-Django refuses such a body itself (DATA_UPLOAD_MAX_MEMORY_SIZE, which settings
-set to the same value) when DRF reads it as JSON or a form, but as a
-SuspiciousOperation: an HTML 400 page that does not say what is wrong. A
-multipart body's files are not counted there at all. The declared length is
-what a WSGI server lets Django read, so checking it covers every parser.
+The check is on the declared length, which covers every parser; why Django's own check is not enough:
+docs/operations.md, "Request limits and throttling".
 """
 
 from __future__ import annotations
@@ -16,6 +13,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 
 class RequestBodyLimitMiddleware:
+    """Answers 413 (JSON ``detail`` and ``limit``) when the declared body length exceeds REQUEST_MAX_BYTES."""
+
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 

@@ -1,22 +1,8 @@
-"""``GET /metrics``: Prometheus metrics of runs, steps and queues, for operators and autoscalers.
+"""``GET /metrics``: Prometheus metrics of every web and worker process of this machine, and of the queues.
 
-Runs and steps are counted by whichever web or worker process changed them
-(``orchestration/metrics.py``). Each process keeps its counts in files of
-PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode), named by
-its role and pid, and /metrics adds up every file there: it shows the web and
-worker processes of this machine. A gunicorn worker or a pool process that
-exits leaves its file, so no count goes backwards; a web or worker that
-starts again deletes its role's files and counts from zero, like any
-restarted process (Prometheus' ``rate()`` allows for that).
-
-The depth of each queue and the age of its oldest message are read from
-Redis when scraped (Flower shows neither: flower #1173). A broker that does
-not answer leaves them out and sets ``agentsite_broker_up`` to 0; /metrics
-itself still answers. So are the skills' circuit breakers
-(``skills/breakers.py``: ``agentsite_breaker_open``, ``agentsite_breaker_failures``).
-
-Open to METRICS_ALLOWED_NETWORKS (loopback by default) and to requests with
-``Authorization: Bearer <METRICS_TOKEN>``; anything else gets a 403.
+Each process counts into files of PROMETHEUS_MULTIPROC_DIR; a scrape adds them up, with what the apps read at
+scrape time (``read_at_scrape``: the queues, the circuit breakers). Open to METRICS_ALLOWED_NETWORKS and to
+``Authorization: Bearer <METRICS_TOKEN>``, else 403 (docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -27,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -41,8 +27,6 @@ from prometheus_client import CollectorRegistry, exposition, multiprocess, value
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agentsite.celery import PUBLISHED_HEADER, app, routed_queues
-
 logger = logging.getLogger(__name__)
 
 # Socket connect and read timeouts for the broker, per scrape.
@@ -50,16 +34,22 @@ BROKER_TIMEOUT = 1.0
 # Where kombu's Redis transport keeps the messages workers took and have not
 # acknowledged (its default; agentsite sets no other).
 UNACKED_KEY = "unacked"
+# The message header that says when it was published (Unix time): the queue age gauge reads it.
+PUBLISHED_HEADER = "agentsite_published"
+
+# Collectors made anew for each scrape (``read_at_scrape``).
+_read_at_scrape: list[Callable[[], Collector]] = []
+
+
+def read_at_scrape(make: Callable[[], Collector]) -> None:
+    """Add ``make()``'s collector to every scrape; called by the apps in their ready()."""
+    _read_at_scrape.append(make)
 
 
 def start_process(role: str) -> None:
-    """Count this process's metrics, and its children's, in files of PROMETHEUS_MULTIPROC_DIR.
+    """Count this process's metrics, and its children's, in files of PROMETHEUS_MULTIPROC_DIR named by ``role``.
 
-    Call it before the process forks its workers and before anything is
-    counted. The files are named ``<type>_<role>-<pid>.db``; those an earlier
-    process of the same role left are deleted first. Only those: the web
-    and the workers of a machine share the directory, and each starts and
-    stops on its own.
+    Call it before the process forks or counts anything; it first deletes what earlier processes of ``role`` left.
     """
     directory = Path(settings.PROMETHEUS_MULTIPROC_DIR)
     directory.mkdir(parents=True, exist_ok=True)
@@ -98,31 +88,20 @@ def allowed(request: HttpRequest) -> bool:
 
 
 def registry() -> CollectorRegistry:
-    """What one scrape shows: every process's counts, and the queues and circuit breakers as Redis has them now."""
-    from skills.breakers import BreakerCollector  # not at import: gunicorn's config imports this module
-    from skills.registry import registry as skills
-
+    """What one scrape shows: every process's counts, and what the apps read at scrape time."""
     registry = CollectorRegistry()
     directory = Path(settings.PROMETHEUS_MULTIPROC_DIR)
     if directory.is_dir():  # absent until a web or worker process started
         multiprocess.MultiProcessCollector(registry, path=str(directory))
-    registry.register(QueueCollector(settings.CELERY_BROKER_URL, queues()))
-    registry.register(BreakerCollector(skills))
+    for make in _read_at_scrape:
+        registry.register(make())
     return registry
-
-
-def queues() -> list[str]:
-    """The queues workers consume: the default one, and every queue a skill or a periodic task routes to."""
-    return sorted({app.conf.task_default_queue, *routed_queues()})
 
 
 class QueueCollector(Collector):
     """Depth and oldest-message age of each queue, and the unacknowledged messages, read from Redis.
 
-    kombu's Redis transport LPUSHes each message onto a list named after its
-    queue and workers BRPOP from its tail: the tail is the oldest message,
-    the next one a worker takes. No task sets a priority, so each queue is
-    that one list (no priority sub-queues).
+    A queue is kombu's one list of that name (no priority sub-queues), its tail the oldest message.
     """
 
     def __init__(self, broker_url: str, queues: list[str]) -> None:

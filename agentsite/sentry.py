@@ -1,16 +1,8 @@
 """Error reports to Sentry, without what users wrote and without secrets.
 
-Sentry is a third party. An event says what failed and where: the exception's
-type, the stack trace (files, functions, lines of our code), the logger and
-the template of its message, the request's method and path, and, inside a
-step, tags ``run_id``, ``step_id`` and ``skill``. It never carries data:
-exception messages, log message arguments, local variables, request bodies,
-cookies, query strings, credential headers, task arguments and results
-(prompts, message content, step input and output) are removed, and whatever
-text is left is scrubbed of tokens (``Token ...``, ``Bearer ...``, API keys
-such as ``sk-...``, 40-hex DRF tokens, JWTs, credentials in URLs) and email
-addresses. The scrubbing runs in ``before_send``, ``before_send_transaction``
-and ``before_breadcrumb``, in the reporting process, before anything is sent.
+An event says what failed and where (exception type, stack trace, logger and message template, a step's
+tags); data is removed and the text left is scrubbed of tokens and email addresses, in the reporting
+process before anything is sent (docs/operations.md, "Error reports (Sentry)").
 """
 
 from __future__ import annotations
@@ -135,7 +127,7 @@ def label_step(event: Any) -> Any:
 
 
 def scrub_event(event: Any) -> Any:
-    """``event`` without data or secrets (see the module's docstring)."""
+    """``event`` without data or secrets: messages, local variables, user fields but the id; text scrubbed."""
     for container in ("exception", "threads"):
         for value in (event.get(container) or {}).get("values") or []:
             if container == "exception" and value.get("value"):

@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_results",
+    "agentsite.apps.AgentsiteConfig",
     "skills",
     "orchestration",
 ]
@@ -124,20 +125,18 @@ if DB["ENGINE"] == "django.db.backends.sqlite3":
     db_file = Path(DB["NAME"])
     DB["TEST"] = {"NAME": str(db_file.with_name(f"test-{db_file.name}"))}
 # PostgreSQL prepared statements: psycopg prepares a statement a connection
-# ran five times, and PostgreSQL then skips parsing and planning it. A step's
-# claim and store cost the server 2.5 ms without, 1.0 ms with
-# (docs/performance.md). Off behind a pooler that cannot keep them (PgBouncer
-# in transaction mode before 1.21): Django's default, client-side binding.
+# ran five times, and PostgreSQL then skips parsing and planning it
+# (docs/operations.md, "Database"). Off behind a pooler that cannot keep them
+# (PgBouncer in transaction mode before 1.21): Django's default, client-side binding.
 if DB["ENGINE"] == "django.db.backends.postgresql" and env.bool("DATABASE_PREPARED_STATEMENTS", default=True):
     DB.setdefault("OPTIONS", {}).update(server_side_binding=True, prepare_threshold=5)
-# Keep connections open across requests and tasks: opening one per task cut
-# a 3-step chain from 142/s to 27/s on PostgreSQL. Broken or old connections
-# are closed before and after each task (agentsite/celery.py).
+# Keep connections open across requests and tasks: a connection per task is
+# costly on PostgreSQL (docs/operations.md, "Database"). Broken or old
+# connections are closed after each task (agentsite/worker.py).
 DB["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=600)
-# No health check (a SELECT 1) before each request's or task's first query:
-# a connection broken by a database restart fails one request (503) or one
-# step attempt (retried as the same delivery) and is then replaced. Measured:
-# one round trip in ten per step.
+# No health check (a SELECT 1, one more round trip) before each request's or
+# task's first query: a connection broken by a database restart fails one
+# request (503) or one step attempt (retried as the same delivery) and is then replaced.
 DB["CONN_HEALTH_CHECKS"] = env.bool("CONN_HEALTH_CHECKS", default=False)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -229,7 +228,7 @@ THROTTLE_RATES = {
 # --- REST API ---------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "orchestration.api.authentication.TokenAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -320,7 +319,7 @@ WEBHOOK_STALL_AFTER = env.int("WEBHOOK_STALL_AFTER", default=WEBHOOK_BACKOFF_MAX
 # Outbound calls (webhooks) may go to loopback and private networks: only for
 # development and tests; in production they would let a user reach internal services.
 OUTBOUND_ALLOW_PRIVATE = env.bool("OUTBOUND_ALLOW_PRIVATE", default=False)
-# A URL a skill fetches (orchestration.outbound.fetch): the whole exchange within
+# A URL a skill fetches (agentsite.outbound.fetch): the whole exchange within
 # this many seconds, redirects included; at most this many redirects, each checked
 # like the first URL; a response body no larger than this (bytes).
 OUTBOUND_TIMEOUT = env.float("OUTBOUND_TIMEOUT", default=10)
@@ -355,7 +354,7 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 # database (and so in the admin); a step's output is in its Step row.
 # Our subclass makes chord fan-in count each header task once, even when a
 # redelivered task reports twice (django-celery-results #177).
-CELERY_RESULT_BACKEND = "agentsite.results:ChordSafeDatabaseBackend"
+CELERY_RESULT_BACKEND = "orchestration.results:ChordSafeDatabaseBackend"
 CELERY_RESULT_EXTENDED = True
 CELERY_CACHE_BACKEND = "default"
 # JSON only, both ways: a pickled message is never deserialised.
@@ -395,23 +394,20 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "sweep", "expires": SWEEP_INTERVAL},
     },
 }
-# Survives a broker restart with unacknowledged messages (agentsite/celery.py).
-CELERY_WORKER_CONSUMER = "agentsite.celery:Consumer"
+# Survives a broker restart with unacknowledged messages (agentsite/worker.py).
+CELERY_WORKER_CONSUMER = "agentsite.worker:Consumer"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost broker connection, Celery cancels running acks-late tasks, since it
 # cannot acknowledge them. A step's pool process is told to finish the step and
-# then exit (skills/tasks.py: StepRequest.cancel), so no step is stopped
-# mid-skill. Turning the cancel off was tried: the worker's main loop is blocked
-# while it reconnects, and soft time limits that fell due meanwhile were then
-# signalled to pool processes that had moved on, which broke the pool (the
-# worker exited); a process that exits leaves no one to signal.
+# then exit (orchestration/worker.py: StepRequest.cancel), so no step is stopped
+# mid-skill. Why it stays on: docs/operations.md, "Why these defaults".
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Defaults for tasks that set nothing; every step signature sets its own.
 CELERY_TASK_SOFT_TIME_LIMIT = 300
 CELERY_TASK_TIME_LIMIT = 330
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# No STARTED row per task: a step's own status says it is running, and Flower
-# sees it from events. Measured: 3-step chain p50 69 -> 55 ms on PostgreSQL.
+# No STARTED row per task (a write less per task): a step's own status says it
+# is running, and Flower sees it from events (docs/operations.md, "Why these defaults").
 CELERY_TASK_TRACK_STARTED = False
 # Celery's Django fixup closes every database connection around every task
 # unless this is set; with it, a worker process reconnects only every this
@@ -419,8 +415,8 @@ CELERY_TASK_TRACK_STARTED = False
 CELERY_DB_REUSE_MAX = 1000
 # Task events (what Flower shows) are sent while a monitor asks for them:
 # Flower enables them on every worker when it starts and every few seconds
-# after. Always on, they took 15% of a busy worker's samples on short steps
-# (docs/performance.md). CELERY_WORKER_SEND_TASK_EVENTS=1 turns them on for good.
+# after. Always on, they cost a busy worker CPU on every task (docs/operations.md,
+# "Why these defaults"). CELERY_WORKER_SEND_TASK_EVENTS=1 turns them on for good.
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -1,15 +1,8 @@
-"""Tracing (OpenTelemetry) and structured logs.
+"""Tracing (OpenTelemetry) and structured logs (docs/operations.md, "Tracing and logs").
 
-Tracing is on only where the standard ``OTEL_*`` environment names an OTLP
-exporter (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
-or ``OTEL_TRACES_EXPORTER=otlp``); otherwise nothing is instrumented and a step
-pays only for its log labels. The web process traces each request (Django)
-and the tasks it publishes; each prefork pool process of a worker traces the
-tasks it runs and publishes (Celery). The W3C trace context travels in the
-task message headers, so a run's request and all its steps are one trace.
-
-Inside a step, log records carry ``run_id``, ``step_id`` and ``skill``
-(``bind_step``), and any record made inside a span carries ``trace_id``.
+Tracing is on only where the standard ``OTEL_*`` environment names an OTLP exporter; then a run's request
+and all its steps are one trace. Log records made inside a step carry ``run_id``, ``step_id`` and ``skill``
+(``bind_step``), and those made inside a span ``trace_id``.
 """
 
 from __future__ import annotations
@@ -72,8 +65,7 @@ def start_web_tracing() -> None:
 def start_worker_tracing() -> None:
     """Trace the tasks this pool process runs and publishes, if the environment says so.
 
-    Called in each prefork pool process (worker_process_init): the batch
-    processor's thread would not survive the fork.
+    Call it in each prefork pool process (worker_process_init): the span exporter's thread would not survive a fork.
     """
     provider = _start_provider()
     if provider is not None:
@@ -135,8 +127,7 @@ def current_trace_id() -> str:
 def bind_step(**fields: Any) -> None:
     """Label this step's log records and its span (``agentsite.<field>``) with ``fields``.
 
-    The labels last until the task ends (``unbind_step`` at task_postrun), so
-    Celery's own line about the step's outcome carries them too.
+    The labels last until ``unbind_step`` (at task_postrun), so Celery's line about the step's outcome has them too.
     """
     _step_fields.set({**(_step_fields.get() or {}), **fields})
     span = trace.get_current_span()

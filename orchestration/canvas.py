@@ -1,16 +1,8 @@
-"""The canvas builder: a validated spec tree in, a Celery signature out.
+"""The canvas builder: a validated spec tree in, a Celery signature out (pure: no database, broker or registry).
 
-Pure: no database, no broker, no registry. Each step becomes a signature of
-the one step task, carrying its own time limits, queue TTL (``expires``),
-queue, task id and retry policy; composites map onto Celery's chain, group
-and chord, so Celery passes the data: a chain hands each output to the next
-node, a group's output is the list of its members' outputs, a chord's body
-receives the list of its header outputs. A switch becomes one task
-(``agentsite.switch``, orchestration/tasks.py) that carries the prebuilt
-canvas of each of its cases and, once it has read its input, replaces itself
-(``Task.replace``) with the chosen one, which inherits its place in the
-chain or chord. The run's input is given to ``apply_async(args=(input,))``
-and so reaches the first step(s).
+Each step is a signature of the step task with its own limits, ttl, queue, task id and
+retry policy; composites map onto Celery's chain, group and chord; a switch is one task
+that replaces itself with its chosen case. See docs/spec.md, "Data passing".
 """
 
 from __future__ import annotations
@@ -45,7 +37,7 @@ class StepOptions:
     retries: int
     backoff: float
     backoff_max: float
-    # The run's deadline as run_step's ``deadline`` kwarg (skills/budget.py); None: not capped.
+    # The run's deadline as run_step's ``deadline`` kwarg (orchestration/budget.py); None: not capped.
     deadline: Mapping[str, float] | None = None
 
     @classmethod
@@ -67,13 +59,9 @@ class StepOptions:
 
 
 def build(spec: dict[str, Any], steps: Mapping[str, StepOptions], run_id: int) -> Signature:
-    """The run's whole canvas.
+    """The run's whole canvas, to be published with the run's input as its one argument.
 
-    When the spec ends with a step (it is one, or a chain or chord whose last
-    node ends with one, or a switch each of whose cases does), that step's
-    output is the run's and the step ends the run itself (``finishes_run``):
-    no task of its own to wait for. A spec that may end with a group is
-    followed by ``finish_run``, which joins it.
+    Its final step ends the run (``finishes_run``), or ``finish_run`` follows a spec that may end with a group.
     """
     final = final_steps(spec, ROOT)
     canvas = build_node(spec, ROOT, steps, final)
@@ -142,10 +130,7 @@ def _route(case: Case, steps: Mapping[str, StepOptions], final: Collection[str])
 def replacement(case: Signature, upstream: Any, joined: bool) -> Signature:
     """What a switch task is replaced with: its chosen ``case``, given the switch's input.
 
-    ``joined``: the switch is a member of a group or chord header, which
-    waits for the result of the switch's own task id. Task.replace hands that
-    id to the replacement's last task unless it has one, and a step has its
-    own: so a ``pass_on`` task, which has none, ends the case.
+    ``joined`` (the switch is in a group or chord header): the case ends with ``pass_on``, to take the switch's task id.
     """
     given = with_input(case, upstream)
     if not joined:
@@ -156,8 +141,7 @@ def replacement(case: Signature, upstream: Any, joined: bool) -> Signature:
 def with_input(sig: Signature, upstream: Any) -> Signature:
     """``sig`` with ``upstream`` given to its first task(s), as ``apply_async(args=(upstream,))`` would.
 
-    For a switch's chosen case: ``Task.replace`` publishes the replacement
-    with no arguments (and a chain rebuilt from its dict has none to keep).
+    For a switch's chosen case, which ``Task.replace`` publishes with no arguments (a chain from its dict keeps none).
     """
     if isinstance(sig, _chain):
         first, *rest = sig.tasks
@@ -180,9 +164,7 @@ def step_signature(options: StepOptions, finishes_run: bool = False) -> Signatur
         "queue": options.queue,
         "soft_time_limit": options.soft_time_limit,
         "time_limit": options.time_limit,
-        # What logs, task events and Flower show for the arguments. Celery would
-        # repr them for every message (83% of building one, with cProfile); the
-        # input may carry a user's personal data, and the step's row has it all.
+        # What logs, task events and Flower show for the arguments: no repr to build, no personal data shown.
         "argsrepr": "(the step's input)",
         "kwargsrepr": f"{{'step_id': {options.step_id}}}",
     }
@@ -205,10 +187,9 @@ def _group(members: list[Signature]) -> Signature:
 
 
 def _keep_list(member: Signature) -> Signature:
-    """A group directly inside a group or chord header, as one member.
+    """A group directly inside a group or chord header, as one member: a chord with a collect body.
 
-    Celery merges such a group into its parent (reversing its members), so
-    its output would not stay one list; a chord with a collect body does.
+    Celery would merge it into its parent, reversing its members (docs/design.md, "Changes from the shared contract").
     """
     return _collected(member.tasks) if isinstance(member, group) else member
 

@@ -1,27 +1,8 @@
-"""Double-texting: what a new run of a conversation does while another is active.
+"""Double-texting: what a new run of a conversation does while another is active (``OnActive``).
 
-A conversation's new run (a posted message, or POST runs) follows a policy
-(``OnActive``), the request's, else its workflow's, else ``enqueue``:
-
-- ``reject``: refused (``Busy``, a 409); nothing is stored.
-- ``enqueue``: stored now but held: queued, not published, with
-  ``Run.waiting_for`` naming the conversation's latest active run. When that
-  run ends (any terminal status) the held run is released: ``waiting_for``
-  cleared and its canvas published (``release_after``, on commit of the
-  end). Each held run waits for the one before it, so they run one at a time
-  in the order they arrived.
-- ``interrupt``: the conversation's active runs (held ones too) are
-  cancelled, their steps revoked and terminated, and the new run starts at once.
-- ``allow``: it starts at once beside them (the behaviour before policies).
-
-Deciding and storing happen in one transaction that first locks the
-conversation's row and its active runs, so concurrent requests for one
-conversation are decided one after another (on SQLite, BEGIN IMMEDIATE
-serializes writers anyway): of two ``reject`` requests exactly one starts a
-run. ``allow`` decides nothing, so its run's inserts are a transaction of
-their own (services.start_conversation_run). Locking the active runs also orders a decision against those runs'
-ends: a run that ends meanwhile is seen ended, or its end waits for the new
-held run to commit and then releases it.
+``reject`` refuses it, ``enqueue`` holds it until the runs before it ended,
+``interrupt`` cancels them, ``allow`` starts it beside them. docs/design.md,
+"Double-texting", says how each is decided and released.
 """
 
 from __future__ import annotations
@@ -32,9 +13,10 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from . import state
+from . import broker, transitions
 from .models import ACTIVE_RUN_STATUSES, Conversation, OnActive, Run, RunEvent, RunStatus
 from .spec import SpecError
+from .transitions import RunEnded
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +63,7 @@ def policy_for(requested: str | None, workflow: Any) -> str:
 def admit(conversation: Conversation, policy: str) -> Admission:
     """Decide how a new run of ``conversation`` starts; call inside the transaction that creates it.
 
-    Raises Busy (``reject``). For ``interrupt`` the caller cancels
-    ``interrupted`` with ``apply`` once the new run exists.
+    Raises Busy (``reject``); for ``interrupt``, ``apply`` cancels the runs once the new one exists.
     """
     if policy == OnActive.ALLOW:
         return Admission(policy)
@@ -98,11 +79,8 @@ def admit(conversation: Conversation, policy: str) -> Admission:
 
 
 def _lock_active_runs(conversation: Conversation) -> list[tuple[int, int | None]]:
-    """Lock the conversation's row, then its active runs; their (id, waiting_for) oldest first.
-
-    NO KEY UPDATE locks: a worker inserting the reply message (a foreign key
-    to the conversation) or an event of the run does not wait for them.
-    """
+    """Lock the conversation's row, then its active runs; their (id, waiting_for) oldest first."""
+    # NO KEY UPDATE: a worker inserting a reply (a foreign key to the conversation) or an event does not wait.
     if connection.features.has_select_for_update:  # SQLite: BEGIN IMMEDIATE took the database's write lock
         Conversation.objects.select_for_update(no_key=True).filter(pk=conversation.pk).values_list("pk").first()
     runs = Run.objects.filter(conversation=conversation, status__in=ACTIVE_RUN_STATUSES).order_by("pk")
@@ -110,18 +88,13 @@ def _lock_active_runs(conversation: Conversation) -> list[tuple[int, int | None]
 
 
 def apply(run: Run, admission: Admission) -> None:
-    """Record the new run's admission: held behind a run, or interrupting runs (whose steps are revoked)."""
-    from .services import revoke  # services imports this module
-
-    if admission.waiting_for is not None:
-        state.hold_behind(run.pk, admission.waiting_for)
-    if admission.interrupted:
-        state.record(run.pk, "run.interrupting", cancelled=admission.interrupted)
+    """Record the new run's interruption of the conversation's active runs (cancelled, their steps revoked)."""
+    if not admission.interrupted:
+        return
+    transitions.record(run.pk, "run.interrupting", cancelled=admission.interrupted)
     for run_id in admission.interrupted:
-        state.record(run_id, "run.interrupted", by_run=run.pk)
-        task_ids = state.cancel_run(run_id, f"interrupted by run {run.pk} (on_active=interrupt)")
-        if task_ids:
-            transaction.on_commit(lambda task_ids=task_ids: revoke(task_ids))  # type: ignore[misc]
+        transitions.record(run_id, "run.interrupted", by_run=run.pk)
+        broker.revoke_on_commit(transitions.cancel_run(run_id, f"interrupted by run {run.pk} (on_active=interrupt)"))
 
 
 def admission_of(run: Run, policy: str) -> Admission:
@@ -137,12 +110,8 @@ def admission_of(run: Run, policy: str) -> Admission:
 def release_after(ended_id: int) -> int | None:
     """Run ``ended_id`` ended: publish the run held behind it, if any; its id.
 
-    If the ended run had itself been held (cancelled, or expired, before it
-    started), the run behind it moves up behind the one it waited for, while
-    that one is active: one run at a time, whatever ends first.
+    If the ended run was itself held, the run behind it waits for the one it waited for, while that is active.
     """
-    from .services import publish  # services imports this module
-
     # Called only for a run something was held behind (Run.followed) or an orphan's predecessor.
     follower = Run.objects.filter(waiting_for_id=ended_id, status=RunStatus.QUEUED).values_list("pk", flat=True)
     with transaction.atomic():
@@ -151,15 +120,15 @@ def release_after(ended_id: int) -> int | None:
             return None
         ahead = Run.objects.filter(pk=ended_id).values_list("waiting_for_id", flat=True).first()
         if ahead is not None and _still_active(ahead):
-            state.move_up(follower_id, ended_id, ahead)
+            transitions.move_up(follower_id, ended_id, ahead)
             return None
-        if not state.release_run(follower_id, ended_id):
+        if not transitions.release_run(follower_id, ended_id):
             return None  # released by another caller meanwhile
     run = Run.objects.get(pk=follower_id)
     try:
-        publish(run)
+        broker.republish(run)
     except SpecError as exc:
-        state.fail_run(run.pk, f"cannot start: its spec is no longer valid: {exc}")
+        transitions.fail_run(run.pk, f"cannot start: its spec is no longer valid: {exc}")
     return follower_id
 
 
@@ -170,12 +139,10 @@ def _still_active(run_id: int) -> bool:
     return runs.values_list("pk").first() is not None
 
 
-def release_on_commit(run_id: int) -> None:
-    """Once the transaction that ended ``run_id`` commits, release the run held behind it.
-
-    Robust: if that fails (the database went away), the sweeper releases it.
-    """
-    transaction.on_commit(lambda: release_after(run_id), robust=True)
+def on_run_ended(sender: Any, run: RunEnded, **kwargs: Any) -> None:
+    """transitions.run_ended: once committed, the run held behind it starts (if that fails, the sweeper's)."""
+    if run.followed:
+        transaction.on_commit(lambda: release_after(run.id), robust=True)
 
 
 def release_orphans(limit: int) -> list[int]:

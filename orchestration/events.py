@@ -1,25 +1,8 @@
 """Run events as a live stream: CloudEvents over Server-Sent Events.
 
-Every state change writes a RunEvent (orchestration.state.record) numbered
-by ``seq`` within its run, in commit order. Once committed, the change is
-announced on the run's Redis channel if a stream watches the run; a stream
-subscribes to it before it reads the stored events, so nothing committed
-meanwhile is missed, and reads the database again only when an announcement
-(or a keepalive tick) comes.
-
-A stream says it watches its run in the sorted set WATCHED, and each process
-announces only the watched runs' events, after a look at a copy of WATCHED
-no older than WATCHED_MAX_AGE: most runs have no stream, and a PUBLISH cost
-a process 0.2 ms of CPU an event, as much as storing a step
-(docs/performance.md). So a new stream also reads the database again until
-WATCH_GRACE has passed (longer than WATCHED_MAX_AGE): an event committed
-before then may have been decided on a copy without it, any event after is
-announced to it.
-
-A stream is a bounded sync response (gunicorn gthread): at most
-EVENTS_MAX_STREAMS per web process hold a thread, each for at most
-EVENTS_STREAM_SECONDS, and then the client reconnects with Last-Event-ID
-(browsers' EventSource does so by itself) and resumes after that event.
+A committed event is announced on its run's Redis channel when a stream watches the
+run (WATCHED); a stream subscribes before it reads the stored events, and is a bounded
+sync response. See docs/design.md, "Changes from the shared contract" (Run events).
 """
 
 from __future__ import annotations
@@ -74,14 +57,9 @@ def _redis() -> redis.Redis:
 
 
 def announce(run_id: int, seq: int) -> None:
-    """Tell the run's streams that event ``seq`` is committed.
+    """Tell the run's streams that event ``seq`` is committed; best effort, without waiting for Redis.
 
-    Queued for this process's publisher thread, so a transition does not
-    wait for Redis; not even queued when this process's copy of WATCHED,
-    fresh enough, leaves the run out: waking the thread cost a busy worker
-    more than the rest of the announcement (docs/performance.md). Best
-    effort: a stream that misses an announcement finds the event at its
-    next keepalive read.
+    Dropped at once when this process's fresh copy of WATCHED leaves the run out, else queued for the publisher thread.
     """
     if _watched.leaves_out(run_id):
         return
@@ -126,12 +104,11 @@ def _publish(pending: queue.SimpleQueue[tuple[int, int]]) -> None:
 class WatchedRuns:
     """A process's copy of the runs the streams watch (WATCHED), read again once older than WATCHED_MAX_AGE.
 
-    Read again by the publisher thread only (``now``); any thread may look
-    at it (``leaves_out``). The copy and when it was asked for are replaced
-    together, as one tuple.
+    Only the publisher thread reads it again (``now``); any thread may look (``leaves_out``).
     """
 
     def __init__(self) -> None:
+        # The copy and when it was asked for, replaced together as one tuple: any thread may read it.
         self._copy: tuple[float, frozenset[int]] = (float("-inf"), frozenset())
 
     def now(self) -> frozenset[int]:
@@ -184,8 +161,7 @@ class NoStreamSlot(Exception):
 class EventStream:
     """The body of one events response: an iterator of SSE messages.
 
-    Holds one of the process's stream slots from creation until Django
-    closes the response (``close``), whether or not it was ever iterated.
+    Holds one of the process's stream slots from creation until Django closes it (``close``), iterated or not.
     """
 
     def __init__(self, run_id: int, after: int) -> None:

@@ -1,14 +1,8 @@
-"""Prometheus counters and histograms of runs and steps.
+"""Prometheus counters and histograms of runs and steps (docs/operations.md, "Metrics").
 
-``orchestration.state`` (and ``services.start_run``) count each transition
-here; the count is taken once the transaction that made the change commits,
-so a rolled-back change is not counted. Whichever web or worker process
-counts keeps the value in a file of its own (``agentsite.metrics``), and
-``GET /metrics`` adds the files up, with the queue gauges it reads from
-Redis at scrape time.
-
-Labels are bounded: workflow names (``adhoc`` for a run without one), skill
-names, statuses. Never a run, step or task id.
+``orchestration.transitions`` counts each transition here, once its transaction
+commits. Labels are bounded: workflow names (``adhoc`` for a run without one),
+skill names, statuses; never a run, step or task id.
 """
 
 from __future__ import annotations
@@ -50,11 +44,6 @@ STEP_TIMEOUTS = Counter(
 STEP_REDELIVERIES = Counter(
     "agentsite_step_redeliveries", "Attempts cut short by a lost worker process, to be run again.", ["skill"]
 )
-SKILL_CACHE_LOOKUPS = Counter(
-    "agentsite_skill_cache_lookups",
-    "Result cache lookups of skills with a cache_ttl, by skill and result: l1 or l2 (a hit), miss.",
-    ["skill", "result"],
-)
 
 
 def run_started(workflow: str | None) -> None:
@@ -92,11 +81,6 @@ def step_timed_out(skill: str) -> None:
 
 def step_redelivered(skill: str) -> None:
     _on_commit(lambda: STEP_REDELIVERIES.labels(skill).inc())
-
-
-def skill_cache_lookup(skill: str, result: str) -> None:
-    """Counted at once: a lookup changes no row (skills/cache.py)."""
-    SKILL_CACHE_LOOKUPS.labels(skill, result).inc()
 
 
 def _on_commit(count: Callable[[], None]) -> None:

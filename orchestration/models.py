@@ -1,8 +1,8 @@
 """Conversations, workflows, runs and their steps: the source of truth.
 
 Celery carries work and intermediate values; these rows say what happened.
-Status changes go through ``orchestration.state`` so each one writes a
-RunEvent in the same transaction.
+Status changes go through ``orchestration.transitions``, which writes a
+RunEvent for each in the same transaction.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from django.db import DEFAULT_DB_ALIAS, models
 from django.utils import timezone
 from django_celery_results.managers import TaskResultManager
 from django_celery_results.models import TaskResult
-
-from .rows import Insert, update_on_conflict
 
 
 class Conversation(models.Model):
@@ -54,11 +52,8 @@ class OnActive(models.TextChoices):
 
 
 class Workflow(models.Model):
-    """A named, validated spec. Without an owner it is shared by everyone.
-
-    Names are unique per owner, and among the shared workflows: a name means,
-    to a user, their own workflow of that name, else the shared one
-    (``orchestration.services.find_workflow``).
+    """A named, validated spec; without an owner it is shared by everyone. Names are unique per owner and among
+    the shared workflows: to a user, a name means their own workflow, else the shared one (services.find_workflow).
     """
 
     # No index of its own: workflow_name_per_owner leads with it.
@@ -259,7 +254,7 @@ class Step(models.Model):
         null=True,
         blank=True,
         help_text="What its skill asked to wait for (prompt, timeout_at, default): the step waits while it is "
-        "running with this set, and succeeds with the payload it is resumed with (orchestration/waiting.py).",
+        "running with this set, and succeeds with the payload it is resumed with (orchestration/transitions.py).",
     )
     # No index: read with its run's steps only.
     compensates = models.ForeignKey(
@@ -295,9 +290,7 @@ class Step(models.Model):
 class RunEvent(models.Model):
     """An append-only record of one state change of a run or its steps.
 
-    ``seq`` numbers a run's events 1, 2, 3 ... in the order they were
-    committed (orchestration.state.record), so a reader that saw event n has
-    seen every event before it: the event stream resumes after n.
+    ``seq`` numbers a run's events 1, 2, 3 ... in commit order, so the event stream resumes exactly after n.
     """
 
     # No index of its own: the (run, seq) constraint's index leads with it.
@@ -328,8 +321,7 @@ class WebhookStatus(models.TextChoices):
 class WebhookDelivery(models.Model):
     """One CloudEvent POSTed (or to be) to a run's webhook when the run ended.
 
-    ``body`` is fixed when the run ends, so every attempt sends the same
-    bytes (and the receiver can tell a repeat by the event id).
+    ``body`` is fixed when the run ends: every attempt sends the same bytes, with the same event id.
     """
 
     # No index of its own: webhook_run_idx leads with it.
@@ -414,22 +406,15 @@ class UpsertTaskResultManager(TaskResultManager):
     def store_result(  # type: ignore[override]
         self, content_type: str, content_encoding: str, task_id: str, result: Any, status: str, **fields: Any
     ) -> TaskResult:
-        """Store a task's result in one INSERT ... ON CONFLICT DO UPDATE, outside a transaction.
-
-        django-celery-results does a SELECT, then an INSERT in a transaction
-        of its own (or an UPDATE): four round trips per result on PostgreSQL;
-        ``bulk_create``'s upsert, three (BEGIN, INSERT, COMMIT); this, one.
-        """
+        """Store a task's result in one INSERT ... ON CONFLICT DO UPDATE, not a SELECT then an INSERT or UPDATE."""
         using = fields.pop("using", None)
-        # date_started: an expression (STARTED rows, which track_started=False never writes);
-        # Insert writes to the default database.
+        # date_started: an expression (STARTED rows, which track_started=False never writes).
         if "date_started" in fields or using not in (None, DEFAULT_DB_ALIAS):
             return super().store_result(content_type, content_encoding, task_id, result, status, using=using, **fields)
         values = {"content_type": content_type, "content_encoding": content_encoding, "result": result}
         values |= {"status": status, **{name: fields.get(name) for name in UPSERT_FIELDS}}
         row = self.model(task_id=task_id, **values)
-        upsert = update_on_conflict(self.model, unique=["task_id"], update=[*values, "date_done"])
-        Insert.of([row], on_conflict=upsert).execute()
+        self.bulk_create([row], update_conflicts=True, unique_fields=["task_id"], update_fields=[*values, "date_done"])
         return row
 
 

@@ -1,11 +1,7 @@
-"""How a switch node picks its case (docs/spec.md, "switch"): pure functions of its input.
+"""How a switch node picks its case: pure functions of its input (docs/spec.md, "Switch").
 
-The switch reads the field ``on`` of its input, a dotted path (``ticket.route``)
-whose number segments index lists (``items.0.kind``), and compares that value's
-JSON text with its cases' values: a string is its own text, so ``"billing"``
-matches the case ``billing``; ``1`` matches ``"1"``, ``true`` matches
-``"true"``, ``null`` matches ``"null"``. No match (or no such field) takes the
-default case, if the switch has one.
+The field ``on`` of the input (a dotted path; number segments index lists) is compared
+as JSON text with the cases' values; no match, or no such field, takes the default.
 """
 
 from __future__ import annotations

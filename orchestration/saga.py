@@ -1,19 +1,6 @@
-"""Saga compensation: a failed run undoes the effects of its compensable steps.
+"""Saga compensation: a failed run undoes the effects of its compensable steps, newest first, one at a time.
 
-A skill may name a compensating skill (``@skill(compensate="release")``).
-When a run fails (``state._end_run``; a cancelled run is left as it is: the
-issue asks for a rollback on failure), each of its steps that succeeded with
-such a skill gets a compensation step (``Step.compensates``), in the same
-transaction, in reverse order of the steps' completion. They run one at a
-time, each published when the one before it ended (with its skill's own time
-limits, retries and queue; not capped by the run's deadline, which may be
-what failed it), and each gets its compensated step's output as its input
-and that step's args as its own. A compensation that succeeded makes its
-step ``compensated``; one that failed (after its retries) is recorded and the
-others still run. The run stays ``failed``; ``Run.compensation`` says how
-the rollback went (``running``, ``done``, ``failed``), with the events
-``run.compensating``, ``step.compensated``, ``step.compensation_failed`` and
-``run.compensated`` or ``run.compensation_failed``.
+docs/design.md, "Saga compensation", has the details.
 """
 
 from __future__ import annotations
@@ -24,25 +11,28 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
-from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from skills.registry import Skill, registry
 
-from . import canvas, state
-from .models import Compensation, Run, Step, StepStatus
+from . import broker, canvas, transitions
+from .models import Run, RunStatus, Step, StepStatus
+from .transitions import RunEnded, StepRef
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "compensate/"  # "/" is in no spec step id (orchestration.spec.STEP_ID) nor path
 
 
-def plan(run_id: int, now: datetime) -> None:
-    """The run just failed: create its compensation steps, and publish the first once committed.
+def on_run_ended(sender: Any, run: RunEnded, **kwargs: Any) -> None:
+    """transitions.run_ended: a failed run's rollback starts (a cancelled run is left as it is)."""
+    if run.status == RunStatus.FAILED:
+        plan(run.id, run.at)
 
-    Called inside the transaction that failed the run. Nothing happens when no
-    step of it succeeded with a skill that declares a compensation. A declared
-    compensating skill that is not registered makes its compensation step
-    fail at once, with an error naming it (the others still run).
+
+def plan(run_id: int, now: datetime) -> None:
+    """Create the run's compensation steps and publish the first once committed; nothing if none is due.
+
+    A declared compensating skill that is not registered makes its step fail at once, naming it.
     """
     done = Step.objects.filter(run_id=run_id, status=StepStatus.SUCCEEDED, compensates__isnull=True)
     rows = done.order_by("-finished_at", "-id").values_list("pk", "key", "skill", "args")
@@ -50,15 +40,8 @@ def plan(run_id: int, now: datetime) -> None:
     if not compensable:
         return
     prefix = _prefix(run_id)
-    steps = Step.objects.bulk_create(
-        [_compensation_step(run_id, prefix, n, *row, now) for n, row in enumerate(compensable, start=1)]
-    )
-    Run.objects.filter(pk=run_id).update(compensation=Compensation.RUNNING)
-    state.record(run_id, "run.compensating", steps=[s.key for s in steps])
-    for step in steps:
-        if step.status == StepStatus.FAILED:
-            state.record(run_id, "step.failed", step.pk, error=step.error)
-            state.record(run_id, "step.compensation_failed", step.compensates_id, error=step.error, by=step.pk)
+    steps = [_compensation_step(run_id, prefix, n, *row, now) for n, row in enumerate(compensable, start=1)]
+    transitions.start_compensation(run_id, steps)
     _next(run_id)
 
 
@@ -99,17 +82,9 @@ def _compensation_step(
     return step
 
 
-def step_ended(step: state.StepRef, status: str, error: str) -> None:
-    """A compensation step ended with ``status``: its compensated step, the next one, or the run's rollback.
-
-    Called inside the transaction that ended it (``state._finish_step``), once per step.
-    """
-    assert step.compensates is not None
-    if status == StepStatus.SUCCEEDED:
-        Step.objects.filter(pk=step.compensates, status=StepStatus.SUCCEEDED).update(status=StepStatus.COMPENSATED)
-        state.record(step.run_id, "step.compensated", step.compensates, by=step.id)
-    else:
-        state.record(step.run_id, "step.compensation_failed", step.compensates, error=error, by=step.id, status=status)
+def on_compensation_ended(sender: Any, step: StepRef, status: str, error: str, **kwargs: Any) -> None:
+    """transitions.compensation_ended: its step is marked, then the next one goes (or the rollback ends)."""
+    transitions.compensated(step, status, error)
     _next(step.run_id)
 
 
@@ -121,20 +96,11 @@ def _next(run_id: int) -> None:
         transaction.on_commit(lambda: publish(pending))
         return
     failed = dict(ours.exclude(status=StepStatus.SUCCEEDED).values_list("key", "error"))
-    outcome = Compensation.FAILED if failed else Compensation.DONE
-    if not Run.objects.filter(pk=run_id, compensation=Compensation.RUNNING).update(compensation=outcome):
-        return
-    if failed:
-        state.record(run_id, "run.compensation_failed", error=f"{len(failed)} compensation(s) failed", failed=failed)
-    else:
-        state.record(run_id, "run.compensated")
+    transitions.end_compensation(run_id, failed)
 
 
 def publish(step_id: int) -> None:
-    """Publish a compensation step, with its compensated step's output as its input.
-
-    With the broker unavailable the step fails (not published), and the next one is tried.
-    """
+    """Publish a compensation step, with its compensated step's output as its input; failed if the broker is down."""
     step = Step.objects.select_related("compensates").get(pk=step_id)
     skill: Skill | None = registry.get(step.skill)
     options = canvas.StepOptions(
@@ -149,9 +115,7 @@ def publish(step_id: int) -> None:
         backoff_max=skill.backoff_max if skill else 1.0,
     )
     upstream = step.compensates.output if step.compensates else None
-    try:
-        canvas.step_signature(options).apply_async(args=(upstream,))
-    except BrokerUnavailable as exc:
+    if error := broker.publish_step(canvas.step_signature(options), upstream):
         # The sweeper resumes active runs only: fail it, visibly, and go on (the run may then be replayed).
-        log.warning("run %s: compensation step %s not published: %s", step.run_id, step.pk, exc)
-        state.fail_step(step.pk, f"not published: the task broker is unavailable: {exc}")
+        log.warning("run %s: compensation step %s not published: %s", step.run_id, step.pk, error)
+        transitions.fail_step(step.pk, f"not published: {error}")

@@ -1,7 +1,6 @@
-"""Starting, cancelling, replaying and sweeping runs.
+"""Starting, cancelling, replaying, resuming and sweeping runs.
 
-State changes themselves go through ``orchestration.state``; this module
-decides what to change and talks to the broker (publish, revoke).
+It decides what to change; ``transitions`` changes it and ``broker`` publishes and revokes.
 """
 
 from __future__ import annotations
@@ -19,14 +18,11 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from agentsite import telemetry
-from agentsite.celery import app
-from skills.budget import Deadline
-from skills.support import pii
+from skills.registry import registry
 
-from . import canvas, double_texting, metrics, rows, state, webhooks
+from . import broker, canvas, double_texting, transitions, webhooks
 from .models import (
     ACTIVE_RUN_STATUSES,
     Compensation,
@@ -41,7 +37,7 @@ from .models import (
     StepStatus,
     Workflow,
 )
-from .spec import ROOT, PlannedStep, SpecError, plan
+from .spec import ROOT, PlannedStep, SpecError, first_skill, plan
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +50,11 @@ class Conflict(Exception):
 
 @dataclass(frozen=True)
 class NewRun:
-    """A run's rows, with their INSERTs built before the transaction that runs them (``insert_run``).
-
-    Building them is most of the work of inserting them, and on SQLite a
-    transaction holds the one write lock that every worker's step
-    transition waits for (orchestration/rows.py, docs/performance.md).
-    """
+    """A run and its steps, not inserted yet (``insert_run``)."""
 
     run: Run
     planned: list[PlannedStep]
     steps: list[Step]
-    inserts: tuple[rows.Insert, rows.Insert, rows.Insert]  # the run, its steps, its first event
 
 
 def prepare_run(
@@ -79,9 +69,7 @@ def prepare_run(
 ) -> NewRun:
     """A queued run with its pending steps, ready to insert; raises SpecError for an invalid spec.
 
-    ``deadline`` (seconds) overrides the workflow's, which overrides
-    RUN_DEFAULT_DEADLINE; ``webhook_url`` likewise overrides the workflow's,
-    which overrides the conversation's.
+    ``deadline`` (seconds) and ``webhook_url`` override the workflow's, which override the defaults.
     """
     planned = plan(spec)
     seconds = deadline or (workflow.deadline if workflow else None) or settings.RUN_DEFAULT_DEADLINE
@@ -96,15 +84,8 @@ def prepare_run(
         or (workflow.webhook_url if workflow else "")
         or (conversation.webhook_url if conversation else ""),
         trace_id=telemetry.current_trace_id(),
-        last_event_seq=1,  # its first event goes in with it
     )
-    steps = [_step_row(run, p) for p in planned]
-    inserts = (
-        rows.Insert.of([run], later={"waiting_for_id"}),
-        rows.Insert.of(steps, later={"run_id"}),
-        state.first_event("run.queued", steps=len(steps)),
-    )
-    return NewRun(run, planned, steps, inserts)
+    return NewRun(run, planned, [_step_row(p) for p in planned])
 
 
 def start_run(*, waiting_for: int | None = None, **run: Any) -> Run:
@@ -113,24 +94,14 @@ def start_run(*, waiting_for: int | None = None, **run: Any) -> Run:
 
 
 def insert_run(new: NewRun, waiting_for: int | None = None) -> Run:
-    """Insert the prepared run with its pending steps; publish once committed.
+    """Insert the prepared run with its pending steps and publish it once committed (a broker outage: the sweeper's).
 
-    If the broker is down the run stays queued and the sweeper publishes it
-    later. With ``waiting_for`` the run is held, not published: it starts
-    when that run ends (orchestration.double_texting).
+    With ``waiting_for`` the run is held, not published: it starts when that run ends (double-texting).
     """
-    run = new.run
-    state.insert_run(*new.inserts, waiting_for=waiting_for)
-    metrics.run_started(run.workflow.name if run.workflow else None)
-    if waiting_for is not None:
-        return run
-    budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
-    options = {
-        p.path: canvas.StepOptions.for_step(p, s.pk, str(s.task_id), budget)
-        for p, s in zip(new.planned, new.steps, strict=True)
-    }
-    transaction.on_commit(lambda: enqueue(run.pk, run.spec, run.input, options))
-    return run
+    transitions.insert_run(new.run, new.steps, waiting_for)
+    if waiting_for is None:
+        broker.publish_new_run(new.run, new.planned, new.steps)
+    return new.run
 
 
 def start_conversation_run(
@@ -162,11 +133,9 @@ def post_message(
 ) -> tuple[Message, double_texting.Admission]:
     """Store a user message and start the run that answers it (under ``on_active``, as start_conversation_run).
 
-    When the run's first step is ``mask_pii`` the message is masked here,
-    before it is stored anywhere: the Message row and the run's input hold
-    the masked content, and the input's ``pii`` counts what was masked.
+    The message passes its run's first skill's ``intake`` before it is stored (``mask_pii``: the raw text never is).
     """
-    input = masked_at_intake(spec, {"content": content, "conversation_id": conversation.pk})
+    input = at_intake(spec, {"content": content, "conversation_id": conversation.pk})
     new = prepare_run(
         owner=conversation.owner,
         conversation=conversation,
@@ -184,20 +153,11 @@ def post_message(
     return message, admission
 
 
-def first_skill(node: Any) -> str | None:
-    """The skill of the step that runs before any other in ``node`` (a chain's first, however nested), if one does."""
-    if isinstance(node, dict) and isinstance(node.get("skill"), str):
-        return str(node["skill"])
-    if isinstance(node, dict) and isinstance(node.get("chain"), list) and node["chain"]:
-        return first_skill(node["chain"][0])
-    return None  # a group's or chord's members start together: none of them runs first
-
-
-def masked_at_intake(spec: Any, input: dict[str, Any]) -> dict[str, Any]:
-    """``input`` masked as its run's first step, ``mask_pii``, would mask it; as it is otherwise."""
-    if first_skill(spec) != "mask_pii":
-        return input
-    return pii.masked_ticket(input)
+def at_intake(spec: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """``input`` as the intake of the run's first skill leaves it (skills.registry.Skill.intake); else as it is."""
+    name = first_skill(spec)
+    skill = registry.get(name) if name else None
+    return input if skill is None or skill.intake is None else skill.intake(input)
 
 
 def workflows_of(owner: Any) -> QuerySet[Workflow]:
@@ -215,35 +175,8 @@ def default_workflow(owner: Any) -> Workflow | None:
     return find_workflow(settings.DEFAULT_WORKFLOW, owner)
 
 
-def enqueue(run_id: int, spec: Any, input: Any, steps: dict[str, canvas.StepOptions]) -> None:
-    """Publish the run's canvas.
-
-    A broker outage leaves the run queued for the sweeper; any other error
-    (a bug) fails the run and propagates.
-    """
-    try:
-        canvas.build(spec, steps, run_id).apply_async(args=(input,))
-    except BrokerUnavailable as exc:
-        log.warning("run %s not published, the sweeper will: %s", run_id, exc)
-        state.mark_unpublished(run_id, f"the task broker is unavailable: {exc}")
-    except Exception as exc:
-        log.exception("could not enqueue run %s", run_id)
-        state.fail_run(run_id, f"could not enqueue: {exc}")
-        raise
-
-
-def publish(run: Run) -> None:
-    """Publish an existing run's canvas again (replay, sweeper)."""
-    planned = plan(run.spec)
-    rows = {path: (pk, str(task_id)) for pk, path, task_id in run.steps.values_list("pk", "path", "task_id")}
-    budget = Deadline.of_run(run.created_at, run.deadline).as_kwarg()
-    options = {p.path: canvas.StepOptions.for_step(p, *rows[p.path], budget) for p in planned}
-    enqueue(run.pk, run.spec, run.input, options)
-
-
-def _step_row(run: Run, p: PlannedStep) -> Step:
+def _step_row(p: PlannedStep) -> Step:
     return Step(
-        run=run,
         key=p.key,
         path=p.path,
         skill=p.skill,
@@ -275,11 +208,9 @@ def request_fingerprint(*parts: Any) -> str:
 
 
 def once_per_key(owner: Any, key: str, fingerprint: str, create: Callable[[], Run]) -> Idempotent:
-    """Run ``create`` unless this owner's key already made a run; then return that.
+    """Run ``create`` unless this owner's key already made a run; then return that (expired keys count as unused).
 
-    Concurrent requests with one key make one run: the key row is inserted in
-    the transaction that creates the run, so the unique constraint makes the
-    others wait for it and then find it. Expired keys count as unused.
+    The key row goes in with the run: its unique constraint makes a concurrent request wait, then find it.
     """
     now = timezone.now()
     with transaction.atomic():
@@ -315,20 +246,19 @@ def _live_key(owner: Any, key: str, now: datetime) -> IdempotencyKey | None:
 
 def cancel_run(run: Run, by: str) -> None:
     """Cancel an active run: its steps are revoked, running ones terminated."""
-    task_ids = state.cancel_run(run.pk, f"cancelled by {by}")
+    task_ids = transitions.cancel_run(run.pk, f"cancelled by {by}")
     if task_ids is None:
         current = Run.objects.values_list("status", flat=True).get(pk=run.pk)
         raise Conflict(f"run {run.pk} is already {current}; only a queued, running or waiting run can be cancelled")
-    transaction.on_commit(lambda: revoke(task_ids))
+    broker.revoke_on_commit(task_ids)
 
 
 def replay_run(run: Run) -> None:
-    """Replay a failed or cancelled run from its unfinished steps.
+    """Replay a failed or cancelled run from its unfinished steps, with a fresh deadline of the length it had.
 
-    Steps that succeeded keep their outputs and are not run again; the run
-    gets a fresh deadline of the length it had.
+    Raises Conflict if it is not failed or cancelled, is being rolled back, or its spec is no longer valid.
     """
-    if run.status not in state.REPLAYABLE_RUN_STATUSES:
+    if run.status not in transitions.REPLAYABLE_RUN_STATUSES:
         raise Conflict(f"run {run.pk} is {run.status}; only a failed or cancelled run can be retried")
     if run.compensation == Compensation.RUNNING:
         raise Conflict(f"run {run.pk} is being rolled back (compensation running); retry it once that ended")
@@ -337,40 +267,24 @@ def replay_run(run: Run) -> None:
     except SpecError as exc:
         raise Conflict(f"run {run.pk} cannot be replayed: its spec is no longer valid: {exc}") from exc
     length = run.deadline - run.created_at
-    if not state.replay_run(run.pk, timezone.now() + length):
+    if not transitions.replay_run(run.pk, timezone.now() + length):
         raise Conflict(f"run {run.pk} changed meanwhile; reload it")
-    transaction.on_commit(lambda: publish(Run.objects.get(pk=run.pk)))
+    transaction.on_commit(lambda: broker.republish(Run.objects.get(pk=run.pk)))
 
 
 def resume_waiting_run(run: Run, payload: Any, by: str, step_id: int | None = None) -> str:
-    """Answer a waiting run: its waiting step succeeds with ``payload`` and the run goes on; that step's key.
+    """Answer a waiting run: its waiting step (``step_id``, else the first) succeeds with ``payload``; that step's key.
 
-    ``step_id``: that waiting step (the sweeper's timeouts), else the first
-    that waits. The canvas is published again once committed, as after a
-    replay: finished steps pass their stored outputs on, so execution goes
-    on after the step. Raises Conflict if the run is not waiting.
+    The canvas is published again once committed, as after a replay. Raises Conflict if the run is not waiting.
     """
     final = canvas.final_steps(run.spec, ROOT)
-    key = state.resume_waiting(run.pk, payload, by, final, step_id)
+    key = transitions.resume_waiting(run.pk, payload, by, final, step_id)
     if key is None:
         current = Run.objects.values_list("status", flat=True).get(pk=run.pk)
         raise Conflict(f"run {run.pk} is {current}; only a waiting run can be resumed")
     if Run.objects.filter(pk=run.pk, status__in=ACTIVE_RUN_STATUSES).exists():
-        transaction.on_commit(lambda: publish(Run.objects.get(pk=run.pk)))
+        transaction.on_commit(lambda: broker.republish(Run.objects.get(pk=run.pk)))
     return key
-
-
-def revoke(task_ids: list[str]) -> None:
-    """Drop queued messages of these tasks and terminate them where running.
-
-    Best effort: a step that still arrives finds its run ended and stops.
-    """
-    if not task_ids:
-        return
-    try:
-        app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
-    except BrokerUnavailable as exc:
-        log.warning("could not revoke %d tasks: %s", len(task_ids), exc)
 
 
 # --- The sweeper ---------------------------------------------------------------------
@@ -407,20 +321,17 @@ def expire_overdue(now: datetime) -> list[int]:
     overdue = Run.objects.filter(status__in=ACTIVE_RUN_STATUSES, deadline__lt=now, waiting_for__isnull=True)
     expired = []
     for run_id in overdue.values_list("pk", flat=True)[:SWEEP_BATCH]:
-        task_ids = state.expire_run(run_id)
+        task_ids = transitions.expire_run(run_id)
         if task_ids is not None:
-            revoke(task_ids)
+            broker.revoke(task_ids)
             expired.append(run_id)
     return expired
 
 
 def stalled_runs(now: datetime) -> Any:
-    """Active runs none of whose steps was accounted for in RUN_STALL_AFTER.
+    """Queued or running runs none of whose steps was accounted for in RUN_STALL_AFTER: their messages were lost.
 
-    Their messages were lost (a broker restart, a publish that failed or never
-    happened, a worker killed with its messages): nothing will move them.
-    A run waiting for input is not stalled, nor one held behind another
-    (double-texting: release_orphans publishes it if its release was lost).
+    Not a waiting run, nor a held one (release_orphans publishes that if its release was lost).
     """
     cutoff = now - timedelta(seconds=settings.RUN_STALL_AFTER)
     busy = Step.objects.filter(run=OuterRef("pk"), lease_until__gt=cutoff)
@@ -434,23 +345,21 @@ def stalled_runs(now: datetime) -> Any:
 def resume_stalled(now: datetime) -> list[int]:
     resumed = []
     for run in stalled_runs(now)[:SWEEP_BATCH]:
-        if not state.resume_run(run.pk):
+        if not transitions.resume_run(run.pk):
             continue
         try:
-            publish(run)
+            broker.republish(run)
         except SpecError as exc:
-            state.fail_run(run.pk, f"cannot resume: its spec is no longer valid: {exc}")
+            transitions.fail_run(run.pk, f"cannot resume: its spec is no longer valid: {exc}")
             continue
         resumed.append(run.pk)
     return resumed
 
 
 def time_out_waits(now: datetime) -> list[int]:
-    """Waiting steps past their timeout: resumed with their declared default, else timed out (failing their run).
+    """Waiting steps past their timeout take their declared default, else time out (failing their run); the runs' ids.
 
-    The ids of the runs they were in. A wait's timeout is capped by its run's
-    deadline, and expire_overdue runs first: at the deadline the run fails,
-    default or not.
+    A wait's timeout is capped by its run's deadline, which is swept first.
     """
     due = Step.objects.filter(
         run__status=RunStatus.WAITING, status=StepStatus.RUNNING, wait__isnull=False, lease_until__lt=now
@@ -466,7 +375,7 @@ def time_out_waits(now: datetime) -> list[int]:
         else:
             timeout = wait.get("timeout")
             error = "no input by the run's deadline" if timeout is None else f"no input within {timeout:g}s"
-            if not state.fail_step(step_id, error, StepStatus.TIMED_OUT):
+            if not transitions.fail_step(step_id, error, StepStatus.TIMED_OUT):
                 continue
         timed_out.append(run_id)
     return timed_out

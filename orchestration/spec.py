@@ -1,17 +1,8 @@
-"""The workflow spec: validation and planning.
+"""The workflow spec: validation and planning (the grammar: docs/spec.md, "Grammar").
 
-A spec is a tree (see docs/spec.md)::
-
-    node  := step | {"chain": [node, ...]} | {"group": [node, ...]}
-           | {"chord": {"header": [node, ...], "body": node}}
-           | {"switch": {"on": "field.path", "cases": {"value": node, ...}, "default": node}}
-    step  := {"skill": name, "args": {...}, "soft_time_limit": s,
-              "time_limit": s, "ttl": s, "retries": n, "optional": bool,
-              "id": "step-id"}
-
-``plan(spec)`` checks the whole tree and returns one ``PlannedStep`` per step,
-with the skill's defaults filled in, in spec order. Every error names its
-place: ``spec.chain[1].chord.header[0].skill: unknown skill "serch"``.
+``plan(spec)`` checks the whole tree and returns one ``PlannedStep`` per step, in
+spec order, with the skill's defaults filled in. Every SpecError names its place:
+``spec.chain[1].chord.header[0].skill: unknown skill "serch"`` (docs/spec.md, "Limits and errors").
 """
 
 from __future__ import annotations
@@ -78,6 +69,15 @@ def plan(spec: Any) -> list[PlannedStep]:
             raise SpecError(f"{step.path}.id", f'duplicate step id "{step.key}"')
         seen.add(step.key)
     return steps
+
+
+def first_skill(node: Any) -> str | None:
+    """The skill of the step that runs before any other in ``node`` (a chain's first, however nested), if one does."""
+    if isinstance(node, dict) and isinstance(node.get("skill"), str):
+        return str(node["skill"])
+    if isinstance(node, dict) and isinstance(node.get("chain"), list) and node["chain"]:
+        return first_skill(node["chain"][0])
+    return None  # a group's or chord's members start together: none of them runs first
 
 
 def node_kind(node: Any, path: str) -> str:

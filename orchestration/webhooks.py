@@ -1,15 +1,7 @@
-"""Completion webhooks: a CloudEvent POSTed to the run's webhook URL when it ends.
+"""Completion webhooks: a CloudEvent POSTed to the run's webhook URL when it ends, signed, retried with backoff.
 
-The delivery row is written in the transaction that ends the run
-(``schedule``, called by orchestration.state), so a run that ended has its
-delivery stored; the task ``agentsite.deliver_webhook`` sends it after
-commit and retries with backoff; the sweeper republishes a delivery whose
-message was lost. Receivers check the signature header:
-
-    Agentsite-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(WEBHOOK_SECRET, "<t>." + body)>
-
-and may drop repeats by the CloudEvent's ``id`` (a delivery may arrive more
-than once: after a timeout, the receiver may have got it).
+Receivers check ``Agentsite-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(WEBHOOK_SECRET, "<t>." + body)>``
+and may drop repeats by the CloudEvent's ``id``: docs/design.md, "Completion webhooks".
 """
 
 from __future__ import annotations
@@ -20,6 +12,7 @@ import logging
 import random
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 from cloudevents.core.formats.json import JSONFormat
@@ -27,11 +20,13 @@ from cloudevents.core.v1.event import CloudEvent
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from kombu.exceptions import OperationalError as BrokerUnavailable
 
-from . import outbound
+from agentsite import outbound
+
+from . import broker
 from .canvas import CONTROL_QUEUE
 from .models import Run, WebhookDelivery, WebhookStatus
+from .transitions import RunEnded
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +42,15 @@ def signature(body: bytes, timestamp: int, secret: str = "") -> str:
     return f"t={timestamp},v1={digest}"
 
 
-def schedule(run_id: int, event_seq: int) -> None:
-    """Store the run's completion delivery, if it has a webhook, and send it after commit.
+def on_run_ended(sender: Any, run: RunEnded, **kwargs: Any) -> None:
+    """transitions.run_ended: a run with a webhook gets its completion delivery, sent once committed."""
+    if run.webhook_url:
+        schedule(run.id, run.event_seq)
 
-    Call inside the transaction that ended the run; ``event_seq`` is its
-    terminal event's, which makes the CloudEvent's id.
-    """
-    run = Run.objects.filter(pk=run_id).exclude(webhook_url="").select_related("workflow").first()
-    if run is None:
-        return
+
+def schedule(run_id: int, event_seq: int) -> None:
+    """Store the run's completion delivery, sent once committed; ``event_seq`` (its terminal event's) makes its id."""
+    run = Run.objects.select_related("workflow").get(pk=run_id)
     event_id = f"{run.pk}-{event_seq}"
     delivery = WebhookDelivery.objects.create(
         run=run,
@@ -93,12 +88,7 @@ def completion_event(run: Run, event_id: str) -> CloudEvent:
 
 def publish(delivery_id: int, countdown: float = 0) -> None:
     """Queue the delivery's next attempt; if the broker is down, the sweeper does it later."""
-    from agentsite.celery import app
-
-    try:
-        app.send_task(DELIVER_TASK, args=(delivery_id,), countdown=countdown, queue=CONTROL_QUEUE)
-    except BrokerUnavailable as exc:
-        log.warning("webhook delivery %s not queued, the sweeper will: %r", delivery_id, exc)
+    broker.send_task(DELIVER_TASK, (delivery_id,), CONTROL_QUEUE, countdown)
 
 
 def deliver(delivery_id: int) -> None:

@@ -1,20 +1,8 @@
 """Circuit breakers: a skill that keeps failing is not called for a while.
 
-A skill declared with ``@skill(..., breaker=Breaker(fail_max, reset_timeout))``
-has one pybreaker ``CircuitBreaker`` per worker process, made on its first
-call, whose state lives in Redis (REDIS_URL, keys
-``agentsite:breaker:<skill>:pybreaker:*``), so every worker process of every
-machine shares it. Each attempt that raises (a ``SkillError``, any other
-exception, the soft time limit) counts as a failure; a success resets the
-count. After ``fail_max`` consecutive failed attempts the circuit opens: for
-``reset_timeout`` seconds no step of the skill calls it, ``call`` raises
-``CircuitOpen`` instead. The first call after that is let through as a trial
-(half-open; pybreaker lets every call through until one ends): a success
-closes the circuit, a failure opens it again for another ``reset_timeout``.
-
-A skill without a breaker pays nothing: ``call`` calls it, no Redis. While
-Redis does not answer, the breaker fails open: the skill is called and a
-warning is logged.
+A skill declared with ``breaker=Breaker(fail_max, reset_timeout)`` has a pybreaker breaker per process
+whose state is in Redis, shared by every worker; ``call`` raises ``CircuitOpen`` while it is open, and
+calls the skill (fails open) while Redis does not answer. See docs/skills.md, "Circuit breakers".
 """
 
 from __future__ import annotations
@@ -22,9 +10,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pybreaker
 import redis
@@ -32,8 +19,7 @@ from django.conf import settings
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .registry import Skill, SkillContext
+from .registry import Skill, SkillContext
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +30,6 @@ REDIS_TIMEOUT = 0.5
 STATES = {pybreaker.STATE_CLOSED: "closed", pybreaker.STATE_OPEN: "open", pybreaker.STATE_HALF_OPEN: "half_open"}
 FIELDS = ("state", "fail_counter", "opened_at")
 FIELDS_UNREAD = (None, None, None)
-
-
-@dataclass(frozen=True)
-class Breaker:
-    """A skill's circuit breaker: open after ``fail_max`` consecutive failed attempts, for ``reset_timeout`` seconds."""
-
-    fail_max: int = 5
-    reset_timeout: float = 30
-
-    def check(self, skill: str) -> str | None:
-        """What is wrong with this declaration, or None."""
-        if self.fail_max < 1 or self.reset_timeout <= 0:
-            return f"skill {skill}: a breaker needs fail_max >= 1 and reset_timeout > 0"
-        return None
 
 
 class CircuitOpen(Exception):
@@ -137,12 +109,7 @@ class _LogStateChange(pybreaker.CircuitBreakerListener):
 
 
 class _RedisErrorsAsWarnings(logging.Filter):
-    """pybreaker logs each Redis error it survives with a traceback at ERROR; here they are warnings.
-
-    Why: while Redis is down every step of a skill with a breaker would
-    otherwise send an error (and its traceback) to the log and to Sentry,
-    for an outage the breaker rides out by design.
-    """
+    """pybreaker logs each Redis error it survives with a traceback at ERROR; here they are warnings without one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and record.exc_info:
@@ -159,9 +126,7 @@ logging.getLogger(pybreaker.__name__).addFilter(_RedisErrorsAsWarnings())
 def states(skills: Iterable[Skill]) -> dict[str, dict[str, Any]]:
     """The breakers of these skills as Redis has them now, by skill name (skills without a breaker are left out).
 
-    Each is ``{"state", "failures", "fail_max", "reset_timeout", "opened_at"}``;
-    ``state`` is ``closed``, ``open``, ``half_open``, or ``unknown`` while
-    Redis does not answer. One round trip, no write.
+    Each is ``{"state", "failures", "fail_max", "reset_timeout", "opened_at"}``; state "unknown" while Redis is down.
     """
     guarded = [skill for skill in skills if skill.breaker is not None]
     if not guarded:

@@ -7,9 +7,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from .breakers import Breaker
 from .models import Effect, Reservation
-from .registry import NO_DEFAULT, SkillContext, SkillError, skill
+from .registry import NO_DEFAULT, Breaker, SkillContext, SkillError, skill
 
 
 @skill(

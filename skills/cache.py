@@ -1,21 +1,7 @@
 """The skill result cache: a skill declared with ``cache_ttl`` is not called again for the same input and args.
 
-A step of such a skill first looks its key up in this process's memory
-(L1: bounded, least recently used first out, each entry until its TTL), then
-in Redis (L2: shared by every worker, ``SET ... PX ttl``), and calls the skill
-only when neither has it. The output of a call that returned is stored in both
-before the step's own output is stored; a failure, a timeout or a skip is
-never stored, since only a returned output reaches ``call``'s store.
-
-The key is the skill's name and a SHA-256 of the canonical JSON (sorted
-keys, compact separators) of the step's input and args, behind a version
-prefix (``KEY_VERSION``: change it when the format changes, and every old
-entry is left to expire). It is the same in every process and Python version.
-
-Redis is optional here: when it does not answer, a lookup is a miss and a
-store is skipped (logged at warning); the step runs as without a cache.
-A skill with a cache must depend on its input and args only, not on the
-conversation's state or the attempt.
+A lookup tries this process's memory (L1), then Redis (L2); only an output the skill returned is stored.
+A Redis that does not answer makes a miss. See docs/skills.md, "The result cache".
 """
 
 from __future__ import annotations
@@ -32,8 +18,7 @@ from typing import Any
 import redis
 from cachetools import TLRUCache
 from django.conf import settings
-
-from orchestration import metrics
+from prometheus_client import Counter
 
 from .registry import Skill, SkillContext, Wait
 
@@ -41,6 +26,12 @@ log = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
 KEY_PREFIX = f"agentsite:skill-cache:{KEY_VERSION}:"
+
+LOOKUPS = Counter(
+    "agentsite_skill_cache_lookups",
+    "Result cache lookups of skills with a cache_ttl, by skill and result: l1 or l2 (a hit), miss.",
+    ["skill", "result"],
+)
 
 
 def key(skill: str, input: Any, args: dict[str, Any]) -> str:
@@ -86,9 +77,7 @@ def _direct(skill: Skill, ctx: SkillContext, input: Any) -> Any:
 def call(skill: Skill, ctx: SkillContext, input: Any, call: Caller = _direct) -> tuple[Any, bool]:
     """The skill's output for this input, and whether it came from the cache.
 
-    On a miss (and for a skill without ``cache_ttl``) the skill is called by
-    ``call`` (the step runtime passes its circuit breaker's). An exception it
-    raises passes through and stores nothing.
+    On a miss (or without ``cache_ttl``) ``call`` calls the skill; an exception it raises passes through, unstored.
     """
     if skill.cache_ttl is None:
         return call(skill, ctx, input), False
@@ -106,7 +95,7 @@ def lookup(skill: str, cache_key: str) -> tuple[bool, Any]:
     """(True, output) from L1, else from L2 (which then fills L1 for what is left of its TTL), else (False, None)."""
     found, output = _memory.get(cache_key)
     if found:
-        metrics.skill_cache_lookup(skill, "l1")
+        LOOKUPS.labels(skill, "l1").inc()
         return True, output
     try:
         pipeline = _redis().pipeline(transaction=False)
@@ -117,12 +106,12 @@ def lookup(skill: str, cache_key: str) -> tuple[bool, Any]:
         log.warning("skill cache: %s not looked up in Redis (%r); calling the skill", cache_key, exc)
         value = None
     if value is None:
-        metrics.skill_cache_lookup(skill, "miss")
+        LOOKUPS.labels(skill, "miss").inc()
         return False, None
     output = json.loads(value)
     if ttl_ms > 0:
         _memory.put(cache_key, output, ttl_ms / 1000)
-    metrics.skill_cache_lookup(skill, "l2")
+    LOOKUPS.labels(skill, "l2").inc()
     return True, output
 
 

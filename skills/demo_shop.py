@@ -1,11 +1,7 @@
 """The demo shop's data: what ``sql_query`` finds out of the box (seeded by migration 0003_shop).
 
-Ten customers with fictional addresses (example.com/.org/.net), orders 1031
-to 1050, their items and payments. Order 1042, Jane Doe's (jane@example.com),
-was charged twice: two captured payments of the same amount on the same card,
-a minute apart, so "I was charged twice for order 1042" can be checked:
-
-    select count(*), sum(amount) from shop_payment where order_id = 1042 and status = 'captured'
+Ten customers, orders 1031 to 1050, their items and payments; order 1042 (``CHARGED_TWICE``) has two
+identical captured payments. See docs/skills.md, "sql_query".
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from .patterns import pattern_problem
+
 
 class Effect(models.Model):
     """One application of the ``effect`` skill's side effect (or one call of ``counted_echo``).
 
-    One row per call that got through, never deduplicated: a step whose
-    effect was applied twice shows up as two rows with the same key. The
-    chaos suite counts them.
+    Never deduplicated: an effect applied twice is two rows with the same key (the chaos suite counts them).
     """
 
     key = models.CharField(max_length=200, db_index=True, help_text="The step's idempotency key.")
@@ -132,9 +132,7 @@ class Intent(models.TextChoices):
 class IntentRule(models.Model):
     """A regular expression that, when it matches a customer's message, decides its intent (confidence 0.95).
 
-    Enabled rules are tried highest ``priority`` first (then oldest first);
-    the first that matches wins. Matching ignores case. Keep patterns precise:
-    a rule's answer is trusted over the statistical model's.
+    Enabled rules are tried highest ``priority`` first, then oldest first; the first that matches wins.
     """
 
     pattern = models.CharField(
@@ -152,8 +150,6 @@ class IntentRule(models.Model):
         return f"{self.pattern} -> {self.intent}"
 
     def clean(self) -> None:
-        from .support.rules import pattern_problem
-
         if problem := pattern_problem(self.pattern):
             raise ValidationError({"pattern": problem})
 
@@ -177,9 +173,7 @@ class ArticleCategory(models.TextChoices):
 class Article(models.Model):
     """A help-centre article that ``knowledge_search`` finds and ``compose_reply`` quotes.
 
-    The full-text index follows every save and delete at once: on SQLite an
-    FTS5 table kept in step by triggers, on PostgreSQL a GIN index over the
-    weighted title/tags/body vector (migration 0005_article).
+    Its full-text index (migration 0005_article) follows every save and delete at once.
     """
 
     slug = models.SlugField(max_length=100, unique=True)

@@ -1,12 +1,5 @@
-"""The skill registry.
+"""The skill registry: ``@skill`` declares a function ``(ctx, input) -> output`` and how the engine schedules it.
 
-A skill is a plain function ``(ctx, input) -> output`` registered with
-``@skill(...)``. The declaration carries everything the orchestrator needs to
-schedule it: default and maximum time limits, retries and backoff, the queue
-its steps go to, whether a failure may degrade instead of failing the run
-(and the output a skipped step yields then), its circuit breaker, if any
-(``skills.breakers``), and how long its outputs may be reused (``cache_ttl``:
-skills/cache.py).
 Inputs and outputs cross the broker as JSON, so both must be JSON values.
 """
 
@@ -18,19 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-
-from .breakers import Breaker
 
 
 class SkillError(Exception):
     """A skill failed in an expected way; the message is shown to users.
 
-    ``transient=False`` says a retry cannot help (bad input, a refused query):
-    the step fails at once even if its skill declares retries.
+    ``transient=False``: a retry cannot help (bad input), so the step fails at once even if retries are declared.
     """
 
     def __init__(self, message: str = "", *, transient: bool = True) -> None:
@@ -49,6 +39,33 @@ def _skill_error(cls: type[SkillError], message: str, transient: bool) -> SkillE
 
 
 NO_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """A skill's circuit breaker: open after ``fail_max`` consecutive failed attempts, for ``reset_timeout`` seconds."""
+
+    fail_max: int = 5
+    reset_timeout: float = 30
+
+    def check(self, skill: str) -> str | None:
+        """What is wrong with this declaration, or None."""
+        if self.fail_max < 1 or self.reset_timeout <= 0:
+            return f"skill {skill}: a breaker needs fail_max >= 1 and reset_timeout > 0"
+        return None
+
+
+class ConversationAccess(Protocol):
+    """What the engine lets a step's skill do with its run's conversation."""
+
+    def remember(self, values: dict[str, Any]) -> None:
+        """Merge ``values`` into the conversation's state, at once (not with the step's output)."""
+
+    def recent_messages(self, limit: int) -> list[tuple[str, str]]:
+        """The conversation's last ``limit`` messages as (role, content), oldest first."""
+        ...
+
+
 # Seconds an outbound call of a skill leaves before its step's soft limit (SkillContext.time_for_call).
 CALL_MARGIN = 1.0
 
@@ -57,15 +74,7 @@ CALL_MARGIN = 1.0
 class Wait:
     """What a skill returns to wait for input (a human, an external event): ``return ctx.wait(...)``.
 
-    The step then waits and holds no worker; its run is ``waiting`` until
-    ``POST /api/runs/{id}/resume/`` gives the payload that becomes the step's
-    output, and the run goes on from the next step. After ``timeout``
-    seconds (capped by the run's deadline; none: until the deadline) the
-    step succeeds with ``default`` if one was given, else it times out and
-    its run fails (orchestration.state.wait_step). With a ``base`` object,
-    an object payload (or default) is merged over it: the step's output is
-    the base with the answer's keys on top, so what the skill had gathered
-    goes on along the run (orchestration.state.answered_output).
+    Output: the payload it is resumed with (over ``base`` when both are objects); after ``timeout``, ``default``.
     """
 
     prompt: str
@@ -89,7 +98,7 @@ class Wait:
 
 @dataclass(frozen=True)
 class SkillContext:
-    """What a skill knows about the step it runs in."""
+    """What a skill knows about the step it runs in, and what it may ask of the engine."""
 
     run_id: int
     step_id: int
@@ -98,12 +107,14 @@ class SkillContext:
     state: dict[str, Any]
     args: dict[str, Any]
     attempt: int
-    # When the run must have ended (its steps' time budget, skills/budget.py); None: no deadline known.
+    # When the run must have ended; None: no deadline known.
     deadline: datetime | None = None
     # The step's soft time limit (seconds) and when its skill was called (time.monotonic()).
     soft_time_limit: float | None = None
     started: float = field(default_factory=time.monotonic)
     skill: str = ""
+    # The run's conversation as the engine lets the skill use it; None outside a conversation.
+    conversation: ConversationAccess | None = field(default=None, repr=False, compare=False)
 
     @property
     def log(self) -> logging.Logger:
@@ -122,9 +133,7 @@ class SkillContext:
     def time_for_call(self, cap: float, margin: float = CALL_MARGIN) -> float:
         """Seconds an outbound call may take (0 when none is left): at most ``cap``.
 
-        It ends ``margin`` seconds before the step's soft time limit and the
-        run's deadline, so the skill sees a client timeout it can handle
-        (fall back, fail with a clear error) rather than being stopped.
+        It ends ``margin`` seconds before the step's soft time limit and the run's deadline.
         """
         left = [cap]
         if self.soft_time_limit is not None:
@@ -138,11 +147,12 @@ class SkillContext:
 
         Stored at once, not with the step's output. No-op outside a conversation.
         """
-        if self.conversation_id is None:
-            return
-        from orchestration.state import update_conversation_state  # the registry is imported by orchestration
+        if self.conversation is not None:
+            self.conversation.remember(values)
 
-        update_conversation_state(self.conversation_id, self.run_id, self.step_id, values)
+    def recent_messages(self, limit: int) -> list[tuple[str, str]]:
+        """The conversation's last ``limit`` messages as (role, content), oldest first; none outside one."""
+        return self.conversation.recent_messages(limit) if self.conversation is not None else []
 
     @property
     def idempotency_key(self) -> str:
@@ -189,6 +199,9 @@ class Skill:
     fallback: Any = None  # the output of a skipped (optional) step of this skill
     # The skill that undoes a successful step of this one when its run fails (saga); None: nothing to undo.
     compensate: str | None = None
+    # Applied to a new message's input at intake when a run starts with this skill, so
+    # what the skill would remove (personal data) is never stored; None: nothing.
+    intake: Callable[[Any], Any] | None = field(default=None, repr=False)
 
     def check(self) -> None:
         """Refuse a declaration whose limits contradict each other."""
@@ -233,9 +246,7 @@ class Registry:
     def compensation_of(self, skill_name: str) -> Skill | None:
         """The skill that compensates a step of ``skill_name``; None if it declares none (or is unknown).
 
-        Raises ImproperlyConfigured naming both when the declared compensating
-        skill is not registered (it may be registered after the skill that names
-        it, so this is checked on use, and by ``check_compensations``).
+        Raises ImproperlyConfigured naming both when the declared compensating skill is not registered.
         """
         declared = self._skills.get(skill_name)
         if declared is None or declared.compensate is None:
@@ -276,18 +287,11 @@ def skill(
     breaker: Breaker | None = None,
     fallback: Any = None,
     compensate: str | None = None,
+    intake: Callable[[Any], Any] | None = None,
 ) -> Callable[[SkillFunc], SkillFunc]:
-    """Register a function as a skill. Maxima default to the defaults.
+    """Register a function as a skill; the maxima default to the limits, the description to the docstring.
 
-    With ``cache_ttl`` (seconds) a successful output is reused, without
-    calling the skill, by steps with the same input and args for that long:
-    only for a skill whose output depends on nothing else (skills/cache.py).
-    ``breaker``: a circuit breaker shared by all workers (``skills.breakers``);
-    none by default. ``fallback``: the output of a step of this skill that is
-    skipped (an optional step that failed, or whose circuit is open); null by default.
-    ``compensate``: the name of the skill that undoes a successful step of this
-    one when its run fails (orchestration/saga.py); it is called with that
-    step's output as its input, and may be registered after this one.
+    What each argument does: docs/skills.md, "Choosing the declaration".
     """
 
     def register(func: SkillFunc) -> SkillFunc:
@@ -309,6 +313,7 @@ def skill(
                 breaker=breaker,
                 fallback=fallback,
                 compensate=compensate,
+                intake=intake,
             )
         )
         return func

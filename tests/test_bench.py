@@ -166,7 +166,7 @@ def test_bench_events_prints_what_an_event_costs_and_leaves_nothing_behind():
 
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("20 transactions each, p50:")
-    assert [line.split()[0] for line in lines[1:]] == ["ORM", "state.record"]
+    assert [line.split()[0] for line in lines[1:]] == ["ORM", "transitions.record"]
     assert all(float(line.split()[-2]) > 0 for line in lines[1:])
     assert not Run.objects.exists()
     assert not RunEvent.objects.exists()

@@ -22,7 +22,7 @@ from orchestration.models import Run, RunEvent
 from orchestration.services import start_run
 from skills import breakers
 from skills.models import Effect
-from skills.registry import Skill, SkillContext, registry
+from skills.registry import Breaker, Skill, SkillContext, registry
 
 from .conftest import wait_for_run
 from .test_metrics import scrape
@@ -201,8 +201,8 @@ def test_a_skill_without_a_breaker_makes_no_redis_call(redis_down, caplog):
 @pytest.mark.parametrize(
     ("options", "problem"),
     [
-        ({"breaker": breakers.Breaker(fail_max=0)}, "fail_max >= 1"),
-        ({"breaker": breakers.Breaker(reset_timeout=0)}, "reset_timeout > 0"),
+        ({"breaker": Breaker(fail_max=0)}, "fail_max >= 1"),
+        ({"breaker": Breaker(reset_timeout=0)}, "reset_timeout > 0"),
         ({"fallback": {"at": object()}}, "fallback must be a JSON value"),
     ],
 )

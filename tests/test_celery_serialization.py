@@ -13,7 +13,7 @@ from kombu import Producer
 
 from agentsite.celery import app
 from orchestration.services import start_run
-from skills.tasks import run_step
+from orchestration.tasks import run_step
 
 from .conftest import WORKER_LOG, Worker, wait_for_run, wait_until
 from .factories import StepFactory

@@ -23,10 +23,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
-from agentsite.celery import DELIVERY_HEADER, app
-from agentsite.results import ChordSafeDatabaseBackend, fire_body
+from agentsite.celery import app
 from orchestration import canvas
+from orchestration.broker import DELIVERY_HEADER
 from orchestration.models import Run, Step
+from orchestration.results import ChordSafeDatabaseBackend, fire_body
 from orchestration.services import start_run
 from orchestration.spec import plan
 
@@ -60,7 +61,7 @@ class Chord:
 def fired(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The calls that would enqueue a chord body."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr("agentsite.results.fire_body", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("orchestration.results.fire_body", lambda **kw: calls.append(kw))
     return calls
 
 

@@ -1,4 +1,4 @@
-"""A run's deadline as its steps' time budget (skills/budget.py)."""
+"""A run's deadline as its steps' time budget (orchestration/budget.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import before_task_publish
 from django.utils import timezone
 
-from orchestration import services
+from orchestration import broker, budget, services
 from orchestration.canvas import StepOptions, step_signature
 from orchestration.models import Run
 from orchestration.services import start_run
-from skills import budget
 from skills.registry import SkillContext
 
 from .conftest import wait_for_run
@@ -48,7 +47,7 @@ def published() -> Iterator[list[dict[str, Any]]]:
         if sender == budget.STEP_TASK:
             seen.append({"headers": dict(headers), "kwargs": body[1]})
 
-    before_task_publish.connect(keep, weak=False)  # after skills.budget's receiver: it sees the capped headers
+    before_task_publish.connect(keep, weak=False)  # after orchestration.budget's receiver: it sees the capped headers
     yield seen
     before_task_publish.disconnect(keep)
 
@@ -104,16 +103,16 @@ def test_a_step_that_waited_in_the_queue_gets_only_what_is_left(worker, user):
 @pytest.mark.parametrize("capped", [True, False], ids=["expires-in-queue", "reaches-the-step"])
 def test_a_step_that_starts_with_no_time_left_fails_fast_without_running_its_skill(worker, user, monkeypatch, capped):
     # The run's message is published only after its deadline (as by the sweeper, or a broker that held it).
-    monkeypatch.setattr(services, "enqueue", lambda *args: None)
+    monkeypatch.setattr(broker, "publish_run", lambda *args: None)
     run = start_run(owner=user, spec={"chain": [effect("a"), effect("b")]}, deadline=1)
     monkeypatch.undo()
     time.sleep(max(0, (run.deadline - timezone.now()).total_seconds()) + 0.1)
     if capped:
-        services.publish(run)
+        broker.republish(run)
     else:  # a message published without the cap (by an older release) reaches run_step
         before_task_publish.disconnect(budget.cap_step_message)
         try:
-            services.publish(run)
+            broker.republish(run)
         finally:
             before_task_publish.connect(budget.cap_step_message)
 
@@ -157,11 +156,11 @@ def test_a_run_with_ample_time_keeps_its_steps_limits(worker, user, published):
 
 @pytest.mark.worker
 def test_a_replayed_run_gets_a_fresh_budget(worker, user, monkeypatch):
-    monkeypatch.setattr(services, "enqueue", lambda *args: None)
+    monkeypatch.setattr(broker, "publish_run", lambda *args: None)
     run = start_run(owner=user, spec=effect("a"), input="x", deadline=2)
     monkeypatch.undo()
     time.sleep(max(0, (run.deadline - timezone.now()).total_seconds()) + 0.1)
-    services.publish(run)
+    broker.republish(run)
     assert wait_for_run(run, timeout=10).status == "failed"
 
     services.replay_run(run)
@@ -239,7 +238,7 @@ def test_a_step_started_right_after_its_publish_is_cut_by_the_deadline_too():
         with pytest.raises(budget.DeadlineReached, match="the run's 3s deadline was reached"), start.enforced():
             time.sleep(2)
     finally:
-        budget._restore_pool_soft_limit()
+        budget.restore_pool_soft_limit()
 
 
 def test_the_pool_soft_limit_is_set_aside_while_the_budget_timer_is_armed():
@@ -261,8 +260,8 @@ def test_the_pool_soft_limit_is_set_aside_while_the_budget_timer_is_armed():
         with pytest.raises(budget.DeadlineReached), start.enforced():
             skill_signalled_by_the_pool()
         assert pool_soft_limits == []
-        budget._restore_pool_soft_limit()
+        budget.restore_pool_soft_limit()
         assert signal.getsignal(budget.POOL_SOFT_SIGNAL) is pool_soft_limit
     finally:
-        budget._restore_pool_soft_limit()
+        budget.restore_pool_soft_limit()
         signal.signal(budget.POOL_SOFT_SIGNAL, original)

@@ -18,13 +18,14 @@ import redis
 from celery.app.task import Context
 from django.conf import settings
 
-from agentsite.celery import DELIVERY_HEADER, app
+from agentsite.celery import app
 from orchestration import canvas
+from orchestration.broker import DELIVERY_HEADER
 from orchestration.models import Run, Step
 from orchestration.services import start_run
 from orchestration.spec import plan
+from orchestration.worker import delivery_of
 from skills.models import Effect
-from skills.tasks import delivery_of
 
 from .conftest import Worker, wait_for_run, wait_until
 
@@ -165,11 +166,11 @@ SHIELD_SCRIPT = """
 import os, signal, sys, threading, time
 import django
 django.setup()
-from skills.tasks import _terminated_only_after
+from orchestration.worker import terminated_only_after
 # Another thread, like the run events' publisher or the span exporter in a pool process.
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 signal.signal(signal.SIGUSR1, lambda *args: sys.exit("soft time limit"))  # like billiard's
-with _terminated_only_after():
+with terminated_only_after():
     os.kill(os.getpid(), signal.SIGUSR1)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)

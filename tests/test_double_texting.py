@@ -257,7 +257,7 @@ def test_the_sweeper_leaves_held_runs_alone_and_releases_lost_ones(
 
     # The predecessor ends but its release is lost (as if the process died after the commit).
     with monkeypatch.context() as patched:
-        patched.setattr(double_texting, "release_on_commit", lambda run_id: None)
+        patched.setattr(double_texting, "release_after", lambda run_id: None)
         services.cancel_run(Run.objects.get(pk=first), by="test")
     assert Run.objects.get(pk=held).waiting_for_id == first
 

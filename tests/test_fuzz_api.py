@@ -33,7 +33,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
-from orchestration import services, state
+from orchestration import services, transitions
 from orchestration.api.parsers import MAX_DEPTH
 from orchestration.models import Run
 
@@ -87,7 +87,7 @@ def conversation(user):
 def known_ids(user, conversation):
     """Path ids that exist for ``user``: a conversation with a failed run, and a workflow."""
     run = services.start_run(owner=user, spec={"skill": "echo"}, conversation=conversation, input={"q": 1})
-    state.fail_run(run.pk, "failed for the fuzzer")
+    transitions.fail_run(run.pk, "failed for the fuzzer")
     workflow = WorkflowFactory(owner=user)
     return {"conversation": conversation.pk, "run": run.pk, "name": workflow.name}
 

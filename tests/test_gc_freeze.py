@@ -16,7 +16,7 @@ from celery.signals import worker_init, worker_process_init
 from django.urls import clear_url_caches, get_resolver
 
 from agentsite import gunicorn_conf
-from agentsite.celery import freeze_startup_objects
+from agentsite.worker import freeze_startup_objects
 
 
 @pytest.fixture(autouse=True)

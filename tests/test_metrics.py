@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentsite import metrics
 from agentsite.celery import app
-from orchestration import state
+from orchestration import broker, transitions
 from orchestration.models import RunStatus, StepStatus
 from orchestration.services import start_run
 from skills.registry import registry
@@ -125,7 +125,7 @@ def test_no_label_holds_an_id(client, worker, user):
         assert not set(found.values()) & ids, (name, found)
         assert found.get("status", "succeeded") in statuses
         assert registry.get(found.get("skill", "echo")) is not None
-        assert found.get("queue", "default") in metrics.queues()
+        assert found.get("queue", "default") in broker.queues()
     changed = {dict(labels).get("workflow") for (name, labels), v in after.items() if v != before.get((name, labels))}
     assert changed - {None} == {workflow.name}
 
@@ -136,10 +136,10 @@ def test_a_transition_rolled_back_is_not_counted(client, transactional_db):
     before = scrape(client)
 
     with transaction.atomic():
-        state.fail_run(run.pk, "rolled back")
+        transitions.fail_run(run.pk, "rolled back")
         transaction.set_rollback(True)
     rolled_back = scrape(client)
-    state.fail_run(run.pk, "committed")
+    transitions.fail_run(run.pk, "committed")
     committed = scrape(client)
 
     labels = {"workflow": workflow.name, "status": "failed"}
@@ -150,11 +150,11 @@ def test_a_transition_rolled_back_is_not_counted(client, transactional_db):
 @pytest.fixture
 def idle_queue(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A queue /metrics watches and no worker consumes; emptied afterwards."""
-    monkeypatch.setattr(metrics, "queues", lambda: ["default", IDLE_QUEUE])
-    broker = redis.Redis.from_url(app.conf.broker_url)
-    broker.delete(IDLE_QUEUE)
-    yield broker
-    broker.delete(IDLE_QUEUE)
+    monkeypatch.setattr(broker, "queues", lambda: ["default", IDLE_QUEUE])
+    client = redis.Redis.from_url(app.conf.broker_url)
+    client.delete(IDLE_QUEUE)
+    yield client
+    client.delete(IDLE_QUEUE)
 
 
 def test_it_shows_the_depth_of_a_queue_and_the_age_of_its_oldest_message(client, idle_queue):

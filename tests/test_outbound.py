@@ -1,4 +1,4 @@
-"""orchestration.outbound: skills and webhooks cannot be pointed at the service's own network (SSRF)."""
+"""agentsite.outbound: skills and webhooks cannot be pointed at the service's own network (SSRF)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestration import outbound
+from agentsite import outbound
 from orchestration.models import Conversation, Run
 
 Route = Callable[[BaseHTTPRequestHandler], None]

@@ -9,7 +9,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import Client
 from django.utils import timezone
 
-from orchestration import state
+from orchestration import transitions
 from orchestration.models import Run, Step
 from orchestration.services import start_run
 from skills.models import Reservation
@@ -204,7 +204,7 @@ def test_a_missing_compensating_skill_fails_its_compensation_visibly(user, monke
     run = start_run(owner=user, spec={"chain": [{"skill": "book_flight", "id": "fly"}, FAIL]}, input=None)
     run.steps.filter(key="fly").update(status="succeeded", output={"booking": 1}, finished_at=timezone.now())
 
-    assert state.fail_run(run.pk, "step boom failed: payment declined")
+    assert transitions.fail_run(run.pk, "step boom failed: payment declined")
 
     run.refresh_from_db()
     undo = run.steps.get(key="compensate/fly")

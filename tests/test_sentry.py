@@ -63,7 +63,7 @@ def test_a_failing_step_is_reported_with_its_step_and_skill_and_without_data(
     assert report.exception_types() == ["ValueError"]
     assert report.tags["step_id"] == str(step.pk)
     assert report.tags["skill"] == "sleep"
-    assert report.event["logger"] == "skills.tasks"
+    assert report.event["logger"] == "orchestration.tasks"
     assert report.event["environment"] == "test"
     frames = report.event["exception"]["values"][0]["stacktrace"]["frames"]
     assert any(frame["function"] == "sleep" and frame["module"] == "skills.builtin" for frame in frames)
@@ -117,7 +117,7 @@ def test_a_request_keeps_its_method_and_path_but_not_credentials_cookies_body_or
 
 def test_a_log_breadcrumb_keeps_the_template_not_the_arguments():
     record = logging.LogRecord(
-        "skills.tasks", logging.INFO, __file__, 1, "step %s answered %r", (7, {"content": PROMPT}), None
+        "orchestration.tasks", logging.INFO, __file__, 1, "step %s answered %r", (7, {"content": PROMPT}), None
     )
     crumb = {"type": "log", "message": record.getMessage(), "data": {"run_id": 3, "input": PROMPT}}
 

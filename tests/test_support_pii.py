@@ -8,7 +8,8 @@ import pytest
 from django.apps import apps
 
 from orchestration.models import Message, Run
-from orchestration.services import first_skill, start_run
+from orchestration.services import start_run
+from orchestration.spec import first_skill
 from skills.registry import SkillContext, SkillError
 from skills.support.pii import luhn_valid, mask, mask_pii
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from orchestration.services import start_run
+from orchestration.tasks import StepConversation
 from skills.models import Article
 from skills.registry import SkillContext, SkillError
 from skills.support.articles import load_articles, seed_articles
@@ -39,6 +40,7 @@ def context(soft_time_limit: float = 30, conversation_id: int | None = None) -> 
         attempt=1,
         soft_time_limit=soft_time_limit,
         skill="compose_reply",
+        conversation=None if conversation_id is None else StepConversation(conversation_id, run_id=7, step_id=9),
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from agentsite.celery import app
-from orchestration import services
+from orchestration import broker
 from orchestration.models import Run
 from orchestration.services import start_run, sweep
 from orchestration.tasks import sweep as sweep_task
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.worker
 def test_a_run_past_its_deadline_fails_and_its_running_step_is_stopped(worker, user):
     run = start_run(owner=user, spec={"chain": [effect("a"), effect("slow", seconds=60), effect("c")]}, deadline=60)
     slow = running_attempt(run, "slow", 1)
-    # Shortened once the step runs: its message's budget (skills/budget.py) would have cut it at a 1 s deadline.
+    # Shortened once the step runs: its message's budget (orchestration/budget.py) would have cut it at a 1 s deadline.
     run.deadline = run.created_at + timedelta(seconds=1)
     run.save(update_fields=["deadline"])
     time.sleep(max(0, (run.deadline - timezone.now()).total_seconds()) + 0.05)
@@ -70,7 +70,7 @@ def test_a_bad_deadline_is_a_400(worker, user, api, deadline):
 def test_a_run_whose_publish_was_lost_is_published_by_the_sweeper(worker, user, settings, monkeypatch):
     settings.RUN_STALL_AFTER = 1
     # The web process dies between committing the run and publishing it.
-    monkeypatch.setattr(services, "enqueue", lambda *args: None)
+    monkeypatch.setattr(broker, "publish_run", lambda *args: None)
     run = start_run(owner=user, spec={"chain": [effect("a"), effect("b")]}, input="x")
     monkeypatch.undo()
     assert sweep().resumed == []  # not stalled yet

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from orchestration import services
+from orchestration import broker
 from orchestration.models import Run
 from orchestration.routing import Choice, choose, field_value, unmatched_error, value_text
 from orchestration.services import start_run, sweep
@@ -368,7 +368,7 @@ def test_a_switch_in_a_group_whose_case_is_a_group_keeps_each_list(worker, user)
 @pytest.mark.worker
 def test_the_sweeper_publishes_a_lost_run_with_a_switch_that_then_routes(worker, user, settings, monkeypatch):
     settings.RUN_STALL_AFTER = 1
-    monkeypatch.setattr(services, "enqueue", lambda *args: None)  # the publish is lost
+    monkeypatch.setattr(broker, "publish_run", lambda *args: None)  # the publish is lost
     spec = {"chain": [effect("a"), switch("route", {"b": effect("b"), "c": effect("c")}), effect("after")]}
     started = start_run(owner=user, spec=spec, input={"route": "c"})
     monkeypatch.undo()

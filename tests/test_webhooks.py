@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from orchestration import outbound, webhooks
+from agentsite import outbound
+from orchestration import webhooks
 from orchestration.models import Conversation, Run, WebhookDelivery
 from orchestration.services import start_run
 

@@ -25,10 +25,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    """Django's 404 (no route matched): JSON under /api/, the HTML page elsewhere.
+    """Django's 404 when no route matched (an unknown path, an id like ``/api/runs/2.5e-3/``).
 
-    DRF answers a 404 for an id its route matched; this one is for an id the
-    route's pattern refuses (``/api/runs/2.5e-3/``) and for unknown API paths.
+    JSON under /api/, the HTML page elsewhere.
     """
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "no API resource at this URL"}, status=404)

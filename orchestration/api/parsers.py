@@ -5,10 +5,7 @@ from typing import IO, Any
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser as DRFJSONParser
 
-# JSON nesting a body may have. Python's parser stops near its recursion limit
-# (about 1000 levels), but a body a little less deep than that still overflows
-# the stack later, when the view stores it (json.dumps under Django's frames):
-# a 500. Nothing this service takes needs more than a few dozen levels.
+# JSON nesting a body may have: deeper ones could overflow the stack when stored (docs/api.md, "Errors").
 MAX_DEPTH = 100
 
 

@@ -10,17 +10,15 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import relations, serializers
 
-from orchestration import outbound
+from agentsite import outbound
 from orchestration.models import Conversation, Message, OnActive, Run, RunStatus, Step, StepStatus, Workflow
 from orchestration.services import find_workflow, workflows_of
 from orchestration.spec import SpecError, plan
 
 
 def reject_unstorable(value: Any, path: str = "") -> None:
-    """Refuse, naming where, a string a database cannot store.
-
-    U+0000 (PostgreSQL's text and jsonb cannot hold it), and an unpaired
-    surrogate (JSON may escape one, but no UTF-8 encodes it).
+    """Refuse, naming where, a string a database cannot store: one with U+0000 (PostgreSQL's text and jsonb
+    cannot hold it) or an unpaired surrogate (JSON may escape one, but no UTF-8 encodes it).
     """
     if isinstance(value, str):
         where = path or "value"
@@ -127,7 +125,7 @@ def deadline_field(**kwargs: Any) -> serializers.FloatField:
 
 
 def check_webhook_url(url: str) -> None:
-    """A webhook URL this server may call (orchestration.outbound), when webhooks are on."""
+    """A webhook URL this server may call (agentsite.outbound), when webhooks are on."""
     if url and not settings.WEBHOOK_SECRET:
         raise serializers.ValidationError("webhooks are not enabled on this server (WEBHOOK_SECRET is not set)")
     if url:
@@ -178,10 +176,9 @@ class WorkflowSerializer(serializers.ModelSerializer):
         return workflow.owner_id is None
 
     def validate_name(self, name: str) -> str:
-        """Unique among the names its owner sees: their own workflows' and the shared ones'.
+        """Unique among the names its owner sees (their own workflows' and the shared ones').
 
-        Another user's names are not among them, so a refusal tells nothing
-        about other users.
+        Another user's names do not count, so a refusal tells nothing about other users.
         """
         owner = self.instance.owner if self.instance is not None else self.context["request"].user
         taken = workflows_of(owner).filter(name=name)
@@ -236,14 +233,9 @@ _WITH_CHILDREN = (serializers.BaseSerializer, serializers.ListField, serializers
 
 
 class FieldsBuiltOnce(serializers.Serializer):
-    """A serializer whose fields are built once per process, then copied per instance.
-
-    DRF builds them anew for every instance (a ModelSerializer's from its
-    model, deep copies of a Serializer's declared fields): for a run, 0.26 ms
-    of each run creation's response, and 0.11 of the 0.29 ms validating its
-    request took (docs/performance.md). A field is copied shallowly (binding it to the
-    instance sets attributes of the copy only); a nested serializer, or a
-    field with a child field, deeply, as DRF copies declared fields.
+    """A serializer whose fields are built once per process (DRF builds them per instance), then copied per instance:
+    a field shallowly (binding sets attributes of the copy only), a nested serializer or a field with a child field
+    deeply, as DRF copies declared fields. Why: docs/performance.md, "Where the time goes" (The web).
     """
 
     _built: dict[type, dict[str, Any]] = {}

@@ -1,13 +1,8 @@
-"""Request rates: per user, per anonymous client, and for starting runs.
+"""Request rates: per user, per anonymous client, and for starting runs (docs/api.md, "Limits and throttling").
 
-DRF's throttles keep each client's recent request times in the default cache,
-which is Redis, so every web process counts into the same list. The rates
-(settings.THROTTLE_RATES) come from THROTTLE_*_RATE; a refused request gets
-429 with Retry-After.
-
-When Redis cannot be reached the request is let through: a throttle must not
-turn a Redis outage into an API outage, since runs are still accepted then
-and published once the broker is back.
+DRF's throttles count in the default cache (Redis), shared by every web process. While
+Redis cannot be reached they let requests through: a Redis outage is not an API outage
+(docs/operations.md, "Request limits and throttling").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""Run the benchmark in an environment of its own.
+"""Run the benchmark in an environment of its own (docs/performance.md, "The benchmark").
 
     python -m orchestration.bench.child --dir DIR --database-url URL --redis-url URL [phase options]
 
-Points this process's settings at the benchmark's database and Redis
-database *before* ``django.setup()``, starts web, worker and the raw worker,
-runs the phases and writes their figures as JSON to DIR/result.json.
-Whatever it started is stopped before it exits. ``manage.py bench`` starts
-it; its own output is DIR/bench.log, each process's DIR/<name>.log.
+Writes the phases' figures as JSON to DIR/result.json; each process logs to DIR/<name>.log.
 """
 
 from __future__ import annotations

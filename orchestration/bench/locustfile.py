@@ -1,10 +1,8 @@
 """Locust user for ``manage.py bench``: N users together create runs at a fixed, even rate.
 
-Each user sends a request every 1 / BENCH_USER_RATE seconds, user i at i/N
-of that period, so with N users the requests are 1 / (N * BENCH_USER_RATE)
-seconds apart as long as a response comes within the period; a user that
-falls behind catches up on its schedule. The bench passes BENCH_TOKEN,
-BENCH_RUNS_PATH, BENCH_USER_RATE and BENCH_USERS.
+User i of N sends every 1 / BENCH_USER_RATE seconds at i/N of that period, and catches up
+on its schedule when it falls behind. The bench passes BENCH_TOKEN, BENCH_RUNS_PATH,
+BENCH_USER_RATE and BENCH_USERS.
 """
 
 from __future__ import annotations
@@ -26,11 +24,9 @@ _started = itertools.count()
 
 
 class RunCreator(FastHttpUser):
-    """Sends at ORIGIN + offset + k * PERIOD.
+    """Sends at ORIGIN + offset + k * PERIOD, not by locust's ``constant_throughput``, which sends in bursts.
 
-    Not locust's ``constant_throughput``: the users locust starts together
-    then sent their requests within the same millisecond of every period
-    (measured), bursts of N at once rather than a steady rate.
+    See docs/performance.md, "The load generator's schedule".
     """
 
     def on_start(self) -> None:

@@ -1,10 +1,7 @@
 """The benchmark's phases; each returns its figures as a dict.
 
-Latency is from just before the request (or ``apply_async``) to the
-completion time the run stored (``Run.finished_at``; for raw Celery the
-result's ``date_done``), so how often we poll for the end does not count.
-Throughput is a batch of runs sent at once (ours by 8 HTTP clients), from
-the first send to the last completion.
+Latency ends at the completion time a run stored, not when a poll saw it; throughput is
+a batch sent at once. How each figure is measured: docs/performance.md, "What each figure is".
 """
 
 from __future__ import annotations
@@ -165,7 +162,7 @@ def _finished(ids: list[int]) -> float:
 
 def wait_runs_ended(ids: list[int], timeout: float = RUN_TIMEOUT) -> None:
     active = Run.objects.filter(pk__in=ids, status__in=ACTIVE_RUN_STATUSES)
-    interval = 0.01 if len(ids) == 1 else 0.05  # a poll is a query: cheap, but not free on 2 cores
+    interval = 0.01 if len(ids) == 1 else 0.05  # a poll is a query: it takes CPU from the steps
     deadline = time.monotonic() + timeout
     while active.exists():
         if time.monotonic() > deadline:
@@ -227,9 +224,7 @@ def memory_phase(stack: BenchStack, runs: int, shape: str, batch: int = 500) -> 
 # --- API run creation at a fixed rate (locust) -------------------------------
 
 
-# Requests per second per locust user: 10 users for 100 a second. Each user
-# sends on its own schedule, spread over the period (locustfile.py), so the
-# requests are evenly spaced whatever the number of users.
+# Requests per second per locust user; their schedules spread evenly over the period (locustfile.py).
 USER_RATE = 10
 
 
@@ -334,9 +329,7 @@ def _seed(stack: BenchStack, steps: int, steps_per_run: int, chunk: int = 500) -
             for k in range(steps_per_run)
         )
         ids += [run.pk for run in runs]
-    # Fresh planner statistics, as autovacuum (PostgreSQL) would gather within
-    # a minute of such an insert: read at once, the list's plan assumed 46 runs
-    # where there were 23,550, and sorted them all (17 ms instead of 0.1 ms).
+    # Fresh planner statistics, as autovacuum would gather (docs/performance.md, "What changed, measured").
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
     return ids

@@ -1,12 +1,8 @@
-"""The raw Celery side of the benchmark: no-op tasks in plain Celery canvases.
+"""The raw Celery side of the benchmark: no-op tasks in plain Celery canvases, no Django.
 
-A Celery app of its own, with no Django: broker and result backend are the
-Redis at BENCH_RAW_REDIS_URL, its tasks go to their own queue, and
-everything else is Celery's defaults. Its worker is started as
-
-    celery -A orchestration.bench.raw worker --pool=prefork --concurrency=N
-
-with the same pool and concurrency as agentsite's worker.
+Broker and result backend are the Redis at BENCH_RAW_REDIS_URL, the tasks have a queue of
+their own, all else is Celery's defaults. Its worker runs with agentsite's pool and concurrency:
+``celery -A orchestration.bench.raw worker --pool=prefork --concurrency=N``.
 """
 
 from __future__ import annotations

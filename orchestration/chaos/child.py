@@ -1,13 +1,8 @@
-"""Run one chaos scenario in an environment of its own.
+"""Run one chaos scenario in an environment of its own (docs/chaos.md, "Isolation").
 
     python -m orchestration.chaos.child NAME --runs N --dir DIR
 
-Starts the scenario's redis-server (and PostgreSQL cluster), points this
-process's settings at them *before* ``django.setup()``, starts web, worker
-and beat, runs the scenario, and writes its Outcome as JSON to
-DIR/result.json (none when interrupted). Whatever it started is stopped
-before it exits, on a failure or a SIGTERM/SIGINT too. ``manage.py chaos``
-starts it; its own output is DIR/chaos.log.
+Writes the scenario's Outcome as JSON to DIR/result.json (none when interrupted).
 """
 
 from __future__ import annotations
@@ -26,10 +21,7 @@ from .processes import PostgresCluster, RedisServer, SkipScenario, Supervisor, d
 from .scenarios import SCENARIOS, Scenario
 
 RESULT_FILE = "result.json"
-# Short enough that a lost message or a dead worker shows within seconds: the
-# sweeper, not Redis' visibility timeout (which must outlast the longest step
-# and is derived from STEP_MAX_TIME_LIMIT, the built-in skills' 660 s maximum
-# here), brings back what a killed worker held.
+# Short recovery settings, so that a lost message or a dead worker shows within seconds (docs/chaos.md, "Isolation").
 # The environment may override each (e.g. STEP_MAX_REDELIVERIES=1 bin/chaos).
 TUNING = {
     "SWEEP_INTERVAL": "2",

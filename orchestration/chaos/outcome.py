@@ -8,14 +8,9 @@ from typing import Any
 
 @dataclass
 class Outcome:
-    """The figures of one scenario.
+    """The figures of one scenario, as docs/chaos.md, "Reading the output", describes them.
 
-    ``runs`` counts the runs the scenario started (the API accepted);
-    ``lost`` those still not terminal when its bounded wait ended;
-    ``duplicated_effects`` the step keys whose ``effect`` was applied more
-    than once. ``extra`` holds the scenario's own figures (kills, API answers,
-    readiness). Any entry in ``problems`` fails it; ``skip`` says why it did
-    not run.
+    ``extra`` holds the scenario's own figures; any entry in ``problems`` fails it; ``skip`` says why it did not run.
     """
 
     scenario: str

@@ -1,10 +1,7 @@
 """Starting and stopping the processes a scenario runs: services, Redis, PostgreSQL.
 
-Every process starts in a session of its own, so one signal reaches its whole
-process group (a Celery worker and its pool children, gunicorn and its
-workers) and a Ctrl-C at the terminal reaches only the suite, which then stops
-them in order. Each started process group is also listed in the scenario's
-``pids`` file, from which the driver kills whatever a crashed child left.
+Every process starts in a session of its own, listed in the scenario's ``pids`` file;
+see docs/chaos.md, "Isolation".
 """
 
 from __future__ import annotations
@@ -49,11 +46,9 @@ def free_port() -> int:
 
 
 def driver_setup(log: logging.Logger) -> None:
-    """Set up a driver process (a scenario's or the benchmark's): its narrative on stdout, and signals.
-
-    The narrative is timestamped, through a handler of its own (Django's
-    logging setup replaces the root's). SIGINT and SIGTERM unwind through the
-    Supervisor, which stops everything; a second signal must not cut that short.
+    """Set up a driver process (a scenario's or the benchmark's): a timestamped narrative on stdout, through a
+    handler of its own (Django's logging setup replaces the root's); SIGINT and SIGTERM unwind through the
+    Supervisor (SystemExit), and a further signal is ignored so that it cannot cut the teardown short.
     """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -73,11 +68,9 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
 def run_driver(
     command: list[str], cwd: Path, directory: Path, log_name: str, teardown: float = 60
 ) -> tuple[int, list[str]]:
-    """Run a driver process (a scenario's, the benchmark's) with its output in ``directory/log_name``.
+    """Run a driver process with its output in ``directory/log_name``; its exit code, and what it left running (killed).
 
-    Returns its exit code and what it left running (killed). On a Ctrl-C or
-    SIGTERM here the driver is told to stop (it stops what it started) and
-    gets ``teardown`` seconds before it is killed.
+    On a Ctrl-C or SIGTERM here the driver is told to stop and gets ``teardown`` seconds before it is killed.
     """
     with (directory / log_name).open("wb") as log:
         child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
@@ -109,8 +102,7 @@ def database_url(db: dict[str, Any]) -> str:
 def service_env(redis_url: str, database_url: str) -> dict[str, str]:
     """This environment, pointed at a Redis, a database and a free port of its own.
 
-    For the processes a scenario or the benchmark starts (web, workers) and
-    for the driver itself, which sets it before ``django.setup()``.
+    For the processes a scenario or the benchmark starts, and for the driver itself (set before ``django.setup()``).
     """
     venv_bin = str(Path(sys.executable).parent)
     return {

@@ -1,13 +1,7 @@
-"""The chaos scenarios: what each one breaks, and what it expects to survive.
+"""The chaos scenarios: what each one breaks, and what it expects to survive (docs/chaos.md).
 
-Runs are chains and chords of the ``effect`` skill, which writes one Effect
-row per application after its sleep, so a step whose effect was applied twice
-(or never, though it succeeded) shows in the database. Every scenario fails
-on a lost run (not terminal within its bound) and on a duplicated or missing
-effect; most also want every run to succeed.
-
-This module needs no Django setup (``stack`` is only a type here), so the
-driver can list the scenarios before any scenario environment exists.
+Needs no Django setup (``stack`` is only a type here), so the driver can list the
+scenarios before any scenario environment exists.
 """
 
 from __future__ import annotations
@@ -38,10 +32,9 @@ POSTS_PER_SECOND = 20
 
 
 def effect(seconds: float, key: str | None = None) -> dict[str, Any]:
-    """An ``effect`` step with short time limits.
+    """An ``effect`` step with short time limits (5 and 8 s), so a step whose worker vanished counts as lost soon.
 
-    A step whose worker vanished counts as lost its hard limit plus
-    STEP_LEASE_GRACE after it started: 8 + 3 s here, not the skill's 40 + 3.
+    That is its hard limit plus STEP_LEASE_GRACE after it started.
     """
     step: dict[str, Any] = {"skill": "effect", "args": {"seconds": seconds}, "soft_time_limit": 5, "time_limit": 8}
     if key is not None:

@@ -1,10 +1,8 @@
 """One scenario's running service, and the ways the scenario observes and hurts it.
 
-Import this only after ``django.setup()`` with the scenario's environment
-(``child.py`` does): the ORM queries and Celery control messages below go to
-the scenario's own database and Redis. Every database read tolerates an
-unreachable database (the PostgreSQL scenario stops it): it answers None and
-the caller polls again.
+Import only after ``django.setup()`` with the scenario's environment (``child.py`` does).
+Every database read tolerates an unreachable database: it answers None, and the caller
+polls again.
 """
 
 from __future__ import annotations
@@ -79,9 +77,9 @@ def query(read: Callable[[], T]) -> T | None:
 
 
 def answers_ping(worker: str, timeout: float) -> bool:
-    """Whether the worker answers a Celery ping.
+    """Whether the worker answers a Celery ping, asked on a fresh broker connection.
 
-    Asked on a fresh broker connection: a pooled one may predate a Redis restart.
+    A pooled connection may predate a Redis restart.
     """
     try:
         with app.connection_for_write() as connection:
@@ -196,8 +194,7 @@ class Stack:
     def kill_pool_child(self, run_id: int, key: str, timeout: float = 15) -> int | None:
         """SIGKILL the pool child running step ``key`` of the run, as soon as it runs.
 
-        Returns the pid killed, or None when the step was never seen running
-        in a pool child (it ended first): a missed kill.
+        Returns the pid killed, or None (a missed kill) when the step ended before it was seen running in a pool child.
         """
         running = Step.objects.filter(run_id=run_id, key=key, status=StepStatus.RUNNING)
         deadline = time.monotonic() + timeout
@@ -248,11 +245,8 @@ class Stack:
     # --- figures ---------------------------------------------------------------
 
     def outcome(self, ids: list[int]) -> Outcome:
-        """These runs' figures, with the problems every scenario rejects.
-
-        Those are: lost runs, effects applied twice or never, a web, worker
-        or beat process that exited without being told to, and a worker that
-        stopped answering.
+        """These runs' figures, with the problems every scenario rejects: lost runs, effects applied twice or never,
+        a web, worker or beat process that exited without being told to, and a worker that stopped answering.
         """
         tally = self.tally(ids)
         outcome = Outcome(

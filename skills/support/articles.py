@@ -1,12 +1,7 @@
 """The knowledge base's seed articles and its full-text index, shared by migration 0005_article and the tests.
 
-The index is the database's own: on SQLite an FTS5 table over the articles
-(external content, so the text is stored once) that triggers keep in step
-with every insert, update and delete; on PostgreSQL a GIN index over the
-weighted vector of title (A), tags (B) and body (C) that knowledge_search
-queries with exactly the same expression (``POSTGRES_VECTOR``), so the
-index serves it.
-
+The index is the database's own: an FTS5 table kept by triggers on SQLite, a GIN index over
+``POSTGRES_VECTOR`` on PostgreSQL (docs/skills.md, "knowledge_search").
 Nothing here registers a skill: a migration may import it.
 """
 
@@ -69,9 +64,7 @@ def seed_articles() -> list[dict[str, Any]]:
 def load_articles(article_model: Any, using: str = "default") -> int:
     """Create the seed articles, or put them back as the fixture has them (by slug); returns how many.
 
-    ``article_model`` is the Article class (a migration's historical one, or
-    skills.models.Article). The search index is made sure of afterwards, so a
-    test database that was flushed searches the reloaded articles.
+    ``article_model``: skills.models.Article or a migration's historical one. Then makes sure of the search index.
     """
     articles = seed_articles()
     for article in articles:

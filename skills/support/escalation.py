@@ -1,17 +1,8 @@
 """``escalate_to_human``: a person reviews the drafted reply when the agent should not answer alone.
 
-A ticket escalates when the spec says so (``args.always``, e.g. the complaint
-route), when the intent's confidence is low (``route`` is ``escalate``, or
-``confidence`` under ``args.min_confidence``), or when the customer is angry
-(``sentiment.angry``). Then the step waits (the human-in-the-loop wait,
-``ctx.wait``) and holds no worker; the run is ``waiting`` and its
-``awaiting_input`` prompt shows the reasons and the draft. Whoever answers
-``POST /api/runs/{id}/resume/`` sends ``{"payload": {}}`` to approve the
-draft, or ``{"payload": {"reply": "..."}}`` to replace it; the answer is
-merged over the ticket, so the rest of the run sees everything gathered.
-Unanswered for ``args.timeout`` seconds (default 1800, capped by the run's
-deadline), the draft goes out as it is, marked ``human_review: "timed out"``.
-Any other ticket passes through with ``escalated: false``.
+When the spec says so, the intent is uncertain or the customer is angry, the step waits (``ctx.wait``)
+for a person to approve or replace the draft; any other ticket passes on with ``escalated: false``.
+See docs/skills.md, "escalate_to_human".
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """``classify_intent``: what a customer's message is about, how sure we are, how urgent it is, and where it goes.
 
-Three stages, cheapest and most trusted first:
-
-1. **Rules** (skills.support.rules): the enabled IntentRule rows, highest
-   priority first; the first whose pattern is found decides, confidence 0.95.
-2. **Model** (skills.support.intent_model): TF-IDF and logistic regression
-   trained offline; its confidence is its top class probability.
-3. **LLM**, only when one is configured (skills.support.llm) and the model's
-   confidence is under ``args.min_confidence``: a strict prompt asks for JSON
-   ``{"intent", "confidence"}``. If the call fails or the answer cannot be
-   read, the model's answer stands and ``llm_error`` says why.
-
-The ticket gains ``intent``, ``confidence``, ``urgency`` (skills.support.urgency),
-``route`` (the intent, or ``"escalate"`` when the confidence is under
-``args.min_confidence``, default 0.5) and ``intent_source`` (``"rules"``,
-``"model"`` or ``"llm"``).
+Three stages, cheapest and most trusted first: the database's rules (``rules``), the offline model
+(``intent_model``), then the LLM when one is configured and the model is unsure (``llm``).
+What the ticket gains: docs/skills.md, "classify_intent".
 """
 
 from __future__ import annotations
@@ -25,7 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from skills.models import Intent
+from skills.models import Intent, IntentRule
 from skills.registry import SkillContext, SkillError, skill
 
 from . import llm
@@ -100,10 +88,16 @@ def min_confidence(args: dict[str, Any]) -> float:
 
 def offline_decision(text: str) -> Decision:
     """The rules' answer if one matches, else the model's: no network, deterministic."""
-    if rule := matching_rule(text):
+    if rule := matching_rule(text, enabled_rules()):
         return Decision(rule.intent, RULE_CONFIDENCE, "rules")
     prediction = predict(text)
     return Decision(prediction.intent, prediction.confidence, "model")
+
+
+def enabled_rules() -> list[tuple[int, str, str]]:
+    """The enabled IntentRules, read afresh (an operator's edit counts at the next message), highest priority first."""
+    rules = IntentRule.objects.filter(enabled=True).order_by("-priority", "id")
+    return list(rules.values_list("id", "pattern", "intent"))
 
 
 def llm_decision(ctx: SkillContext, text: str, fallback: Decision) -> tuple[Decision, dict[str, str]]:
@@ -146,11 +140,7 @@ def heldout_rows() -> list[dict[str, str]]:
 def evaluate(rows: list[dict[str, str]], threshold: float = DEFAULT_MIN_CONFIDENCE) -> dict[str, Any]:
     """How the offline classifier (the database's rules, then the model; no LLM) does on labelled ``rows``.
 
-    ``accuracy`` counts the intent, whatever the confidence; ``escalated`` is
-    the share the skill would route to "escalate" at ``threshold``, and
-    ``accuracy_not_escalated`` the accuracy of the rest. ``per_intent`` has
-    each intent's precision, recall and number of rows; ``by_source`` the
-    rows each stage decided and its accuracy on them.
+    Returns n, accuracy, escalated (the share under ``threshold``), accuracy_not_escalated, per_intent, by_source.
     """
     decisions = [offline_decision(row["text"]) for row in rows]
     right = [decision.intent == row["intent"] for decision, row in zip(decisions, rows, strict=True)]

@@ -1,14 +1,7 @@
 """The second stage of ``classify_intent``: a statistical classifier trained offline from labelled examples.
 
-TF-IDF features (word unigrams and bigrams, plus character n-grams within
-words, which carry typos and word forms the training set never saw) feed a
-logistic regression. It is trained once per process, on first use, from
-``data/intents_train.jsonl`` beside this module (a fraction of a second), and
-kept in memory. Its confidence is the probability of its top class.
-
-To retrain: edit the training file (one ``{"text", "intent"}`` object a line)
-and restart the workers. ``data/intents_heldout.jsonl`` is for evaluation
-only (``skills.support.intent.evaluate``): never copy its lines into training.
+TF-IDF features into a logistic regression, trained once per process on first use from
+``data/intents_train.jsonl``. How to retrain and evaluate it: docs/skills.md, "classify_intent".
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """``knowledge_search``: the help-centre articles that answer the ticket, ranked offline by the database.
 
-The query is the customer's message with stop words, numbers and masked PII
-(``[email]``...) removed, its remaining words joined by OR so a long message
-still matches articles that share only some of its words. The ranking is the
-database's own full-text search (skills/support/articles.py has the index):
-FTS5's bm25() on SQLite, with a title match weighing most, then tags, then
-body; ts_rank_cd() over the weighted title/tags/body vector on PostgreSQL.
-``args.category`` multiplies the score of that category's articles by
-CATEGORY_BOOST: preferred, not required. Disabled articles are never found.
-Articles are read at each search, so an edit in the admin counts at once.
-
-``evaluate`` measures the ranking on labelled queries (hit rate and mean
-reciprocal rank at k); ``heldout_rows()`` are the shop's held-out queries.
+The message's searchable words, joined by OR, go to the database's full-text search (index: ``articles``);
+``evaluate`` measures the ranking on labelled queries. See docs/skills.md, "knowledge_search".
 """
 
 from __future__ import annotations
@@ -116,12 +106,7 @@ def _ranked_ids(terms: list[str]) -> list[tuple[int, float]]:
 
 
 def _distinctive(terms: list[str]) -> list[str]:
-    """The terms found in at most half the enabled articles (all terms when none is).
-
-    ts_rank_cd weighs every matching word alike, so a word most articles use
-    ("order") would outrank the rare one that says what the customer wants;
-    bm25 gives such a word almost no weight on SQLite, this drops it here.
-    """
+    """The terms found in at most half the enabled articles (all terms when none is); for PostgreSQL."""
     filters = ", ".join(f"count(*) FILTER (WHERE {POSTGRES_VECTOR} @@ to_tsquery('english', %s))" for _ in terms)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT count(*), {filters} FROM skills_article WHERE enabled", terms)
@@ -173,9 +158,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Hit rate and mean reciprocal rank at ``k`` of ``search`` (query, k -> slugs, best first) on labelled rows.
 
-    A row is a hit when one of its ``slugs`` is among the first ``k`` found; its
-    reciprocal rank is 1/rank of the first such slug (0 when none). Pure but
-    for ``search``: the default searches the database.
+    A row hits when one of its ``slugs`` is in the first ``k`` found; its reciprocal rank is 1/rank of the first.
     """
     hits, reciprocal = 0, 0.0
     rows = list(rows)

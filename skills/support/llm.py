@@ -1,14 +1,7 @@
 """A client for any OpenAI-compatible chat-completions API (``LLM_BASE_URL``).
 
-The LLM is optional: skills check ``configured()`` and answer offline
-without it. Its base URL is the operator's own setting, not user input, so it
-is called directly (a local model server on loopback is the common case), not
-through the SSRF guard of ``orchestration.outbound``.
-
-Every call has a client-side timeout that ends before the step's soft time
-limit and the run's deadline (``SkillContext.time_for_call``): the skill
-then fails or falls back on its own terms instead of being cut off by the
-worker. Errors say whether a retry may help (``LLMError.transient``).
+Optional: skills check ``configured()`` and answer offline without it. Each call's timeout ends before
+the step's soft time limit and the run's deadline. See docs/skills.md, "The LLM client".
 """
 
 from __future__ import annotations
@@ -43,8 +36,7 @@ def chat(
 ) -> Completion:
     """One chat completion: ``messages`` are ``{"role", "content"}`` dicts; raises LLMError.
 
-    The request carries the step's idempotency key as ``Idempotency-Key``,
-    which servers that honour it use to answer a retried request once.
+    Sends the step's idempotency key as ``Idempotency-Key``, so a server that honours it answers a retry once.
     """
     if not configured():
         raise LLMError("no LLM is configured (LLM_BASE_URL, LLM_MODEL)", transient=False)

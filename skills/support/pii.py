@@ -1,26 +1,7 @@
 """``mask_pii``: personal data in the customer's message is replaced before any other step sees it.
 
-``mask(text)`` is the pure function behind the skill; the service also calls
-it at intake (``orchestration.services.post_message``) when a run starts with
-``mask_pii``, so the raw text is never stored.
-
-What is masked, and why each form is safe to mask:
-
-- ``[email]``: ``name@domain.tld``.
-- ``[card]``: 13 to 19 digits, grouped by single spaces or dashes, that pass
-  the Luhn check (1 in 10 random digit strings pass, order numbers are too short).
-- ``[id]``: a US SSN (``123-45-6789``, minus the never-issued 000/666/9xx
-  areas), an IBAN that passes its mod-97 check, a UK National Insurance
-  number (``QQ 12 34 56 C``: its letters rule out words and codes), and
-  the number after a label that says it is an identity document
-  ("passport", "national id", "id card", "driver's licence", "tax id").
-- ``[phone]``: ``+`` and a country code with 8 to 15 digits (E.164), North
-  American ``(555) 010-2030`` / ``555-010-2030`` / ``1-800-555-0199``, and
-  national numbers that begin with a trunk 0 (``020 7946 0958``) of 10 or 11 digits.
-
-Not masked: order numbers ("order 1042", "#1042": they are protected even
-when they look like something else), prices, dates and times, and bare
-digit runs, which are as often tracking or order numbers as phone numbers.
+``mask(text)`` is the pure function behind the skill, and (through ``masked_ticket``) its intake, so the
+raw text of a new message is never stored. What is masked, and why: docs/skills.md, "mask_pii".
 """
 
 from __future__ import annotations
@@ -121,8 +102,7 @@ DETECTORS = (
 def mask(text: str) -> tuple[str, Counts]:
     """``text`` with each email, phone, card and id number replaced by ``[kind]``, and how many of each.
 
-    Order numbers ("order 1042", "#1042") are never masked. Masking masked
-    text changes nothing (the placeholders match no detector).
+    Order numbers ("order 1042", "#1042") are never masked; masking masked text changes nothing.
     """
     taken = [match.span(1) for match in ORDER_NUMBER.finditer(text)]
     found: list[tuple[int, int, str]] = []
@@ -171,6 +151,7 @@ def masked_ticket(input: Any) -> dict[str, Any]:
     "([email], [phone], [card], [id]) and adds pii: {kind: count}. Order numbers, prices and dates stay.",
     soft_time_limit=5,
     time_limit=10,
+    intake=masked_ticket,
 )
 def mask_pii(ctx: SkillContext, input: Any) -> Any:
     return masked_ticket(input)

@@ -1,21 +1,7 @@
 """``quality_check``: is the drafted reply grounded, civil and of a sensible length?
 
-It scores the ticket's ``reply`` against the ``articles`` it cites:
-
-- ``grounding`` (0..1): the mean of two shares, the reply's content words
-  found in the cited articles' titles and text, and its sentences (of three
-  or more content words) at least half of whose content words are found
-  there. The closing "Sources: ..." line is left out. No articles: 0.
-- ``tone`` (0..1): VADER on the reply; a negative compound lowers it by half
-  its size (an apology reads mildly negative), and each blaming or rude
-  phrase ("your fault", "you should have"...) takes off 0.4.
-- ``length`` (0..1): 1 within ``args.min_words``..``args.max_words`` (20..180),
-  falling off linearly outside (to 0 at no words, or at twice the maximum).
-
-``score`` is the weighted mean (grounding 0.5, tone 0.3, length 0.2) and
-``passed`` says whether it reaches ``args.min_score`` (default 0.6). The
-result is also remembered in the conversation's state, with the ticket's
-intent as ``last_intent``.
+It scores the ticket's ``reply`` against the ``articles`` it cites (grounding, tone, length, their weighted
+``score``, ``passed``) and remembers it in the conversation's state. See docs/skills.md, "quality_check".
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """``compose_reply``: the answer to the customer, grounded in the articles knowledge_search found.
 
-It takes the merged ticket (a chord body gets the list of its header
-outputs, e.g. [knowledge_search, sentiment]; ``ticket_of`` merges it). With an
-LLM configured (``skills.support.llm``) it asks for a short answer drawn only
-from the top articles, given the conversation's last messages, the intent and
-the articles (title, slug, text); the articles it cites are those whose slug
-the answer names (all of them when it names none). Without an LLM, or when
-the call fails in any way (the failure is kept as ``llm_error``), it answers
-offline: an opening for the intent (an apology for a complaint or an angry
-customer), the 1-3 sentences of the top articles that share most words with
-the customer's message, and a closing. With no articles it says a person will
-follow up. Every reply ends with ``Sources: <title> (<slug>), ...``.
+Written by the LLM when one is configured, else (or when the call fails) from the top articles' sentences;
+every reply ends with ``Sources: <title> (<slug>), ...``. See docs/skills.md, "compose_reply".
 """
 
 from __future__ import annotations
@@ -99,14 +90,9 @@ def opening(ticket: Ticket) -> str:
 
 
 def best_sentences(content: str, articles: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Up to MAX_SENTENCES (slug, sentence) pairs of ``articles`` sharing most words with ``content``.
+    """Up to MAX_SENTENCES (slug, sentence) pairs of ``articles`` sharing most words with ``content``, in text order.
 
-    A lower article's sentence counts only when it shares at least as many
-    words as the top article's best, and two or more: one common word
-    ("order") would otherwise pull in an off-topic sentence. Ties go to the
-    higher article, then the earlier sentence; the pairs come in article and
-    text order. When no sentence shares a word, the top article's first
-    sentence (its summary) is taken.
+    With no shared word, the top article's first sentence; the rules: docs/skills.md, "compose_reply".
     """
     wanted = {stem(term) for term in query_terms(content)}
     scored = []
@@ -139,7 +125,7 @@ def prompt_messages(
 ) -> list[dict[str, str]]:
     """The chat: instructions, then the history, intent, articles and the customer's message in one user turn."""
     sections = []
-    if history := conversation_history(ctx.conversation_id, content):
+    if history := conversation_history(ctx, content):
         sections.append("Conversation so far:\n" + "\n".join(history))
     sections.append(f"Intent: {ticket.get('intent') or 'unknown'}")
     sections.append("Articles:\n" + "\n\n".join(f"[{a['slug']}] {a['title']}\n{a['text']}" for a in articles))
@@ -147,14 +133,9 @@ def prompt_messages(
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(sections)}]
 
 
-def conversation_history(conversation_id: int | None, content: str) -> list[str]:
+def conversation_history(ctx: SkillContext, content: str) -> list[str]:
     """The conversation's last messages as "role: text" lines, oldest first, less the message being answered."""
-    if conversation_id is None:
-        return []
-    from orchestration.models import Message  # orchestration imports the registry
-
-    latest = Message.objects.filter(conversation_id=conversation_id).order_by("-id")[: HISTORY_MESSAGES + 1]
-    lines = [(message.role, message.content) for message in reversed(latest)]
+    lines = ctx.recent_messages(HISTORY_MESSAGES + 1)
     if lines and lines[-1] == ("user", content):
         lines.pop()  # the message being answered is given on its own
     return [f"{role}: {text}" for role, text in lines[-HISTORY_MESSAGES:]]

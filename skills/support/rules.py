@@ -1,22 +1,17 @@
 """The first stage of ``classify_intent``: precise regular expressions kept in the database (IntentRule).
 
-Operators add, edit, reorder and disable rules in the Django admin; every
-call reads the enabled ones afresh (one small query), so a change takes
-effect at the next message. A rule is trusted (confidence 0.95), so a rule
-should only catch wording that is unambiguous: "charged twice", "reset my
-password". Anything looser belongs in the training data of the model.
-
-``SEED_RULES`` are the rules a new database starts with: the migration
-0004_intentrule creates them through ``seed_rules``, and tests that flush the
-database call it again.
+``SEED_RULES`` are the rules a new database starts with (migration 0004_intentrule, through ``seed_rules``).
+How rules are read, ranked and written: docs/skills.md, "classify_intent".
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
+
+from skills.patterns import compiled_pattern
 
 RULE_CONFIDENCE = 0.95
 
@@ -179,8 +174,7 @@ class RuleMatch:
 def seed_rules(rule_model: Any) -> int:
     """Create the SEED_RULES that ``rule_model`` (IntentRule, or its migration-time twin) lacks; how many were new.
 
-    A rule is identified by its pattern, so running it again adds nothing and
-    keeps what an operator changed (priority, enabled) on a seeded rule.
+    Rules are identified by pattern: a second run adds nothing and keeps an operator's changes to seeded rules.
     """
     created = 0
     for pattern, intent, priority, note in SEED_RULES:
@@ -191,30 +185,11 @@ def seed_rules(rule_model: Any) -> int:
     return created
 
 
-def pattern_problem(pattern: str) -> str | None:
-    """Why ``pattern`` cannot be a rule (it does not compile, or matches the empty message); None if it can."""
-    try:
-        compiled = compiled_pattern(pattern)
-    except re.error as exc:
-        return f"not a valid regular expression: {exc}"
-    if compiled.search(""):
-        return "it matches an empty message, so it would match every message"
-    return None
-
-
-@lru_cache(maxsize=512)
-def compiled_pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE)
-
-
-def matching_rule(text: str) -> RuleMatch | None:
-    """The first enabled rule (highest priority first) whose pattern is found in ``text``; None if none is.
+def matching_rule(text: str, rules: Iterable[tuple[int, str, str]]) -> RuleMatch | None:
+    """The first of ``rules`` (id, pattern, intent; highest priority first) whose pattern is found in ``text``.
 
     A pattern that no longer compiles (edited outside the admin) is skipped.
     """
-    from skills.models import IntentRule  # the migration imports this module before the app registry is ready
-
-    rules = IntentRule.objects.filter(enabled=True).order_by("-priority", "id").values_list("id", "pattern", "intent")
     for rule_id, pattern, intent in rules:
         try:
             compiled = compiled_pattern(pattern)

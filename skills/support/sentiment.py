@@ -1,12 +1,6 @@
 """``sentiment``: how the customer feels, from VADER, and whether they are angry.
 
-VADER (vaderSentiment) scores a text's ``compound`` polarity from -1 to 1;
-the usual cut-offs give the label (positive at >= 0.05, negative at <= -0.05).
-A customer is ``angry`` when the compound is at or below ``args.angry_at``
-(default -0.6), or when the text shows anger VADER underrates: shouting (a
-word in capitals, or mostly capitals) with repeated exclamation marks
-("WHERE IS MY ORDER!!!" scores 0.0), or a word of outrage ("unacceptable",
-"scam") in a negative text. The analyzer's lexicon is loaded once per process.
+The label's cut-offs and the anger cues VADER underrates: docs/skills.md, "sentiment".
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """``sql_query``: a read-only SQL query over allowed tables, its rows added to the ticket.
 
-A query is checked twice. First by parsing it (sqlglot, in the database's
-dialect): exactly one statement, a SELECT (``WITH ... SELECT`` and set
-operations included) with no write, lock or ``INTO`` anywhere in it, reading
-only tables of SQL_QUERY_TABLES (directly, in a subquery, a join or a CTE),
-and calling none of the functions that reach past the tables (files,
-settings, sequences, other queries as text). Then by the database itself:
-
-- PostgreSQL: a connection of its own in a ``READ ONLY`` transaction with
-  ``SET LOCAL statement_timeout``, rolled back after the rows are read. The
-  table allowlist is the parser's there; for a second wall, point
-  SQL_QUERY_DATABASE at an alias whose role may only SELECT those tables.
-- SQLite: a connection of its own opened read-only (``mode=ro``), with an
-  authorizer that denies every table not allowed, every write, PRAGMA and
-  ATTACH, and a progress handler that interrupts it at the timeout.
-
-Parameters are named ``:name`` in the query (``where o.id = :order_id``) and
-always bound, never pasted into the text: a value comes from ``args.params``
-or, failing that, from the ticket key of the same name (``order_id`` from
-``extract_order``).
+The query is checked by parsing it (sqlglot) and again by the database, on a read-only connection of
+its own; ``:name`` parameters are always bound. The rules: docs/skills.md, "sql_query".
 """
 
 from __future__ import annotations
@@ -313,9 +296,7 @@ def _read_only_sqlite(alias: str, authorizer: Authorizer, timeout: float) -> Ite
 def _authorizer(allowed: list[str], ctes: frozenset[str], denied: list[str]) -> Authorizer:
     """Allows reading the ``allowed`` tables (and the query's CTEs) and computing; records and denies the rest.
 
-    A CTE's read comes with no database name, a real table's with "main"
-    (except in ``count(*)``, which reads no column): so a CTE's name never
-    opens a real table's columns.
+    A CTE's name is allowed only in a read with no database name, so it never opens a real table's columns.
     """
     harmless = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 

@@ -1,12 +1,7 @@
 """The ticket: what the support skills pass along a run.
 
-A support run's input is the user's message as the messages endpoint gives
-it, ``{"content": "...", "conversation_id": n}``. Each support skill takes a
-ticket and returns it with its own findings added under its own keys
-(``pii``, ``intent``/``confidence``/``urgency``/``route``, ``articles``,
-``sentiment``, ``reply``, ``quality``...), so a later skill sees all earlier
-ones. A chord's body gets the list of its header outputs: ``ticket_of``
-merges such a list back into one ticket.
+Each support skill takes a ticket and returns it with its findings added under its own keys; ``ticket_of``
+merges back the list a chord's body gets. See docs/skills.md, "The support skills".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """How urgent a customer's message is, from the words it uses ("low", "normal" or "high").
 
-High: the customer says it is urgent, says something is *still* not done, a
-deadline is today, money was taken more than once, or they threaten legal
-action or a chargeback. Low: they say there is no hurry. Anything else is
-normal. Cues, not a model: they are few, and each is easy to explain to the
-person who reads the ticket.
+The cues: docs/skills.md, "classify_intent".
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """``http_fetch``: GET a public URL and add what it answered to the ticket.
 
-The request goes through ``orchestration.outbound.fetch``, so it cannot reach
-the service's own network (loopback, private, link-local addresses; each
-redirect checked the same way) unless OUTBOUND_ALLOW_PRIVATE says so. The
-body is read up to ``args.max_bytes`` (at most OUTBOUND_MAX_BYTES) and cut
-there (``truncated``); the whole exchange ends before the step's soft time
-limit (``ctx.time_for_call(OUTBOUND_TIMEOUT)``).
-
-A refused URL, a 4xx answer or a body that is not text fail the step at once
-(``SkillError(transient=False)``); a timeout, a dropped connection, a 408, 429
-or 5xx are transient, so the step's retries (with backoff) may get through.
+Through the SSRF guard (``agentsite.outbound.fetch``), ending before the step's soft time limit; the body
+is cut at ``args.max_bytes``. Which failures are retried: docs/skills.md, "http_fetch".
 """
 
 from __future__ import annotations
@@ -20,7 +12,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
-from orchestration import outbound
+from agentsite import outbound
 from skills.registry import SkillContext, SkillError, skill
 
 from .ticket import Ticket, ticket_of

@@ -2,13 +2,7 @@
 
     python manage.py bench [--json] [--rounds 3] [--batch 100] [--memory-runs 10000] ...
 
-Starts what it measures itself, in a child process (``orchestration.bench.child``):
-gunicorn and a prefork worker from the Procfile's web and worker lines, and a
-raw Celery worker with the same pool and concurrency, on the Redis at
-REDIS_URL (its own database number, --redis-db, flushed first) and a fresh
-database of its own: var/bench/bench.sqlite3, or ``<name>_bench`` on the
-PostgreSQL server DATABASE_URL names. Prints a table (or, with --json, one
-JSON object); logs are in var/bench/. The method is in docs/performance.md.
+Prints a table (or one JSON object). What it starts and measures: docs/performance.md, "The benchmark".
 """
 
 from __future__ import annotations

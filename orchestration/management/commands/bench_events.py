@@ -1,14 +1,8 @@
-"""``manage.py bench_events``: what one run event's transaction costs.
+"""``manage.py bench_events [--events 3000]``: what one run event's transaction costs.
 
-    python manage.py bench_events [--events 3000]
-
-Against the database DATABASE_URL names (and Redis at REDIS_URL), on a
-scratch run it deletes afterwards. Each round times one transaction of each
-variant, interleaved, so drift hits both: the ORM ``INSERT`` of an event
-alone (what an event cost before events were numbered and announced), and
-``state.record`` (the seq taken and the event inserted, announced after
-commit). Prints the median of each.
-docs/performance.md keeps the figures.
+Times the ORM ``INSERT`` of an event alone and ``transitions.record`` (lock, seq, insert, announce),
+interleaved, on a scratch run in DATABASE_URL's database that it deletes afterwards; prints the median of
+each. Method and figures: docs/performance.md, "Run events: what numbering and announcing them costs".
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import connection, transaction
 
-from orchestration import state
+from orchestration import transitions
 from orchestration.models import Run, RunEvent
 
 # The ORM-only variant numbers its events from here, clear of record()'s.
@@ -31,7 +25,7 @@ ORM_SEQ_BASE = 10**8
 
 
 class Command(BaseCommand):
-    help = "Time one run event's transaction: the ORM insert alone, and state.record()."
+    help = "Time one run event's transaction: the ORM insert alone, and transitions.record()."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--events", type=int, default=3000, help="transactions per variant")
@@ -53,11 +47,11 @@ def measure(run_id: int, rounds: int) -> dict[str, float]:
         RunEvent.objects.create(run_id=run_id, seq=ORM_SEQ_BASE + n, type="bench", data={})
 
     def record(n: int) -> None:
-        state.record(run_id, "bench")
+        transitions.record(run_id, "bench")
 
     variants: dict[str, Callable[[int], None]] = {
         "ORM insert alone": orm_insert,
-        "state.record (seq, insert, announce)": record,
+        "transitions.record (lock, insert, announce)": record,
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for n in range(rounds):

@@ -1,14 +1,8 @@
-"""``manage.py chaos``: fault injection against real processes.
+"""``manage.py chaos``: fault injection against real processes (docs/chaos.md).
 
     python manage.py chaos [--scenario NAME ...] [--runs N] [--json] [--keep]
 
-Each scenario runs in a child process (``orchestration.chaos.child``) with its
-own redis-server, database, web, worker and beat, all logging to
-var/chaos/<scenario>/*.log. Prints one line of figures per scenario (or, with
---json, one JSON object) and exits non-zero when any scenario failed. A
-scenario's directory is removed when it passed, unless --keep; a failed one's
-is kept for its logs. This process itself touches neither Redis nor a
-database. More in docs/chaos.md.
+Runs each scenario in a child process (``orchestration.chaos.child``); exits non-zero when any failed.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """``manage.py eval_support``: how well the offline support agent classifies and retrieves.
 
-Runs the intent classifier (the rules in the database, then the statistical
-model; no LLM) over data/intents_heldout.jsonl and the knowledge search over
-data/retrieval_heldout.jsonl, both labelled sets kept out of training, and
-prints intent accuracy and retrieval hit rate@k and MRR. It reads the rules
-and articles of the configured database, so run it after ``migrate``.
+Prints intent accuracy (rules and model, no LLM) and retrieval hit rate@k and MRR on the held-out sets of
+``skills/support/data/``, using the configured database's rules and articles (run it after ``migrate``).
 """
 
 from __future__ import annotations

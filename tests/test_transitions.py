@@ -1,19 +1,9 @@
-"""A step's claim and store: the rows and events they leave, and what they cost.
-
-The common cases skip the ORM: on PostgreSQL one statement each
-(orchestration.state_pg), on SQLite a few plain statements in one transaction
-(orchestration.state_sqlite); every other case takes the ORM's transactions.
-All must leave the same rows and events, so each test checks them on either
-database, and that the common cases made no ORM query (on PostgreSQL: exactly
-one query).
-"""
+"""orchestration.transitions: the rows and events a step's claim and store leave, the queries they make, their locks."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,25 +11,22 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import events, services, state, state_sqlite
+from orchestration import broker, events, services, tasks, transitions
 from orchestration.models import Message, Run, RunEvent, RunStatus, Step, StepStatus, WebhookDelivery
-from skills import tasks
 
-from .factories import RunFactory, StepFactory
+from .factories import ConversationFactory, RunFactory, StepFactory
 
 pytestmark = pytest.mark.django_db
 
+# A claim, and a store, through the ORM: the step and its run locked (one
+# SELECT), the step updated, the events inserted and the run updated (its last
+# event's seq). On PostgreSQL the common case is one statement (transitions_pg).
+TRANSITION_QUERIES = 1 if connection.vendor == "postgresql" else 4
 
-@contextlib.contextmanager
-def without_the_orm() -> Iterator[None]:
-    """The block's queries are the fast path's own: one on PostgreSQL, and none the ORM wrote (it quotes names)."""
-    with CaptureQueriesContext(connection) as queries:
-        yield
-    statements = [q["sql"] for q in queries.captured_queries]
-    assert statements
-    assert not [sql for sql in statements if '"orchestration_' in sql], statements
-    if connection.vendor == "postgresql":
-        assert len(statements) == 1, statements
+
+def statements(queries: CaptureQueriesContext) -> list[str]:
+    """The block's SQL, without the transaction's own statements (SQLite's BEGIN, a COMMIT)."""
+    return [q["sql"] for q in queries.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
 
 
 def events_of(run: Run) -> list[tuple[int, str, int | None, dict[str, Any]]]:
@@ -56,10 +43,11 @@ def chain_of_two(**run_fields: Any) -> tuple[Run, Step, Step]:
 def test_claiming_a_queued_runs_first_step_starts_the_run():
     run, first, _ = chain_of_two()
 
-    with without_the_orm():
-        claim = state.claim_step(first.pk, "delivery-1")
+    with CaptureQueriesContext(connection) as queries:
+        claim = transitions.claim_step(first.pk, "delivery-1")
 
-    assert claim.outcome is state.ClaimOutcome.RUN
+    assert len(statements(queries)) == TRANSITION_QUERIES
+    assert claim.outcome is transitions.ClaimOutcome.RUN
     assert (claim.step.pk, claim.step.skill, claim.step.attempts, claim.step.status) == (first.pk, "echo", 1, "running")
     conversation = claim.step.run.conversation
     assert conversation is not None
@@ -85,7 +73,7 @@ def test_a_claimed_step_carries_its_conversations_state():
     run.conversation.state = {"tier": "gold"}
     run.conversation.save()
 
-    claim = state.claim_step(first.pk, "delivery-1")
+    claim = transitions.claim_step(first.pk, "delivery-1")
 
     claimed = claim.step.run.conversation
     assert claimed is not None
@@ -95,21 +83,22 @@ def test_a_claimed_step_carries_its_conversations_state():
 
 def test_claiming_a_later_step_of_a_running_run_writes_one_event():
     run, first, last = chain_of_two()
-    state.claim_step(first.pk, "d1")
-    state.succeed_step(state.StepRef.load(first.pk), {"x": 1}, "d1")
+    transitions.claim_step(first.pk, "d1")
+    transitions.succeed_step(transitions.StepRef.load(first.pk), {"x": 1}, "d1")
 
-    with without_the_orm():
-        claim = state.claim_step(last.pk, "d2")
+    with CaptureQueriesContext(connection) as queries:
+        claim = transitions.claim_step(last.pk, "d2")
 
-    assert claim.outcome is state.ClaimOutcome.RUN
+    assert len(statements(queries)) == TRANSITION_QUERIES
+    assert claim.outcome is transitions.ClaimOutcome.RUN
     assert [(seq, type) for seq, type, *_ in events_of(run)][-1] == (4, "step.running")
 
 
 def test_a_second_message_for_a_claimed_step_is_a_duplicate():
     _, first, _ = chain_of_two()
-    state.claim_step(first.pk, "d1")
+    transitions.claim_step(first.pk, "d1")
 
-    assert state.claim_step(first.pk, "d2").outcome is state.ClaimOutcome.DUPLICATE
+    assert transitions.claim_step(first.pk, "d2").outcome is transitions.ClaimOutcome.DUPLICATE
     first.refresh_from_db()
     assert (first.delivery, first.attempts) == ("d1", 1)
 
@@ -117,7 +106,7 @@ def test_a_second_message_for_a_claimed_step_is_a_duplicate():
 def test_a_step_of_a_cancelled_run_is_not_claimed():
     run, first, _ = chain_of_two(status=RunStatus.CANCELLED)
 
-    assert state.claim_step(first.pk, "d1").outcome is state.ClaimOutcome.RUN_ENDED
+    assert transitions.claim_step(first.pk, "d1").outcome is transitions.ClaimOutcome.RUN_ENDED
     first.refresh_from_db()
     assert first.status == StepStatus.PENDING
     assert not RunEvent.objects.filter(run=run).exists()
@@ -125,12 +114,13 @@ def test_a_step_of_a_cancelled_run_is_not_claimed():
 
 def test_storing_a_middle_steps_output_leaves_the_run_running():
     run, first, _ = chain_of_two()
-    state.claim_step(first.pk, "d1")
-    ref = state.StepRef.load(first.pk)
+    transitions.claim_step(first.pk, "d1")
+    ref = transitions.StepRef.load(first.pk)
 
-    with without_the_orm():
-        assert state.succeed_step(ref, {"answer": 42}, "d1")
+    with CaptureQueriesContext(connection) as queries:
+        assert transitions.succeed_step(ref, {"answer": 42}, "d1")
 
+    assert len(statements(queries)) == TRANSITION_QUERIES
     first.refresh_from_db()
     run.refresh_from_db()
     assert (first.status, first.output, first.error, first.cached) == (StepStatus.SUCCEEDED, {"answer": 42}, "", False)
@@ -142,14 +132,13 @@ def test_storing_a_middle_steps_output_leaves_the_run_running():
 def test_storing_the_last_steps_output_ends_the_run_with_its_reply(django_capture_on_commit_callbacks):
     run, first, last = chain_of_two()
     pending = StepFactory.create(run=run, key="never-run")
-    state.claim_step(first.pk, "d1")
-    state.succeed_step(state.StepRef.load(first.pk), "one", "d1")
-    state.claim_step(last.pk, "d2")
-    ref = state.StepRef.load(last.pk)
+    transitions.claim_step(first.pk, "d1")
+    transitions.succeed_step(transitions.StepRef.load(first.pk), "one", "d1")
+    transitions.claim_step(last.pk, "d2")
+    ref = transitions.StepRef.load(last.pk)
 
-    # With what runs on commit: a run nothing is held behind is not looked up again.
-    with without_the_orm(), django_capture_on_commit_callbacks(execute=True):
-        assert state.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert transitions.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True)
 
     run.refresh_from_db()
     pending.refresh_from_db()
@@ -164,15 +153,15 @@ def test_storing_the_last_steps_output_releases_the_run_held_behind_the_run(
     monkeypatch, django_capture_on_commit_callbacks
 ):
     run, first, _ = chain_of_two()
-    held = RunFactory.create(owner=run.owner, conversation=run.conversation, waiting_for=run)
-    state.hold_behind(held.pk, run.pk)  # as double-texting's enqueue does
+    new = services.prepare_run(owner=run.owner, conversation=run.conversation, spec={"skill": "echo"})
+    held = services.insert_run(new, waiting_for=run.pk)  # as double-texting's enqueue does
     published: list[int] = []
-    monkeypatch.setattr(services, "publish", lambda to_publish: published.append(to_publish.pk))
-    state.claim_step(first.pk, "d1")
-    ref = state.StepRef.load(first.pk)
+    monkeypatch.setattr(broker, "republish", lambda to_publish: published.append(to_publish.pk))
+    transitions.claim_step(first.pk, "d1")
+    ref = transitions.StepRef.load(first.pk)
 
-    with django_capture_on_commit_callbacks(execute=True), without_the_orm():
-        assert state.succeed_step(ref, "out", "d1", finishes_run=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert transitions.succeed_step(ref, "out", "d1", finishes_run=True)
 
     held.refresh_from_db()
     assert held.waiting_for_id is None
@@ -183,11 +172,11 @@ def test_storing_the_last_steps_output_releases_the_run_held_behind_the_run(
 
 def test_the_last_step_of_a_run_that_ended_meanwhile_is_stored_but_leaves_the_run_as_it_is():
     run, first, _ = chain_of_two()
-    state.claim_step(first.pk, "d1")
-    state.fail_run(run.pk, "stopped elsewhere")
+    transitions.claim_step(first.pk, "d1")
+    transitions.fail_run(run.pk, "stopped elsewhere")
 
     # The step's output is kept (it ran, and held the step); the run stays failed.
-    assert state.succeed_step(state.StepRef.load(first.pk), "late", "d1", finishes_run=True) is True
+    assert transitions.succeed_step(transitions.StepRef.load(first.pk), "late", "d1", finishes_run=True) is True
     first.refresh_from_db()
     run.refresh_from_db()
     assert (first.status, first.output) == (StepStatus.SUCCEEDED, "late")
@@ -198,11 +187,11 @@ def test_the_last_step_of_a_run_that_ended_meanwhile_is_stored_but_leaves_the_ru
 
 def test_a_delivery_that_does_not_hold_the_step_stores_nothing():
     run, first, _ = chain_of_two()
-    state.claim_step(first.pk, "d1")
+    transitions.claim_step(first.pk, "d1")
     before = events_of(run)
 
-    assert state.succeed_step(state.StepRef.load(first.pk), "stolen", "d2") is False
-    assert state.succeed_step(state.StepRef.load(first.pk), "stolen", "d2", finishes_run=True) is False
+    assert transitions.succeed_step(transitions.StepRef.load(first.pk), "stolen", "d2") is False
+    assert transitions.succeed_step(transitions.StepRef.load(first.pk), "stolen", "d2", finishes_run=True) is False
 
     first.refresh_from_db()
     assert (first.status, first.output) == (StepStatus.RUNNING, None)
@@ -211,9 +200,9 @@ def test_a_delivery_that_does_not_hold_the_step_stores_nothing():
 
 def test_a_run_with_a_webhook_ends_with_its_delivery_stored():
     run, first, _ = chain_of_two(webhook_url="https://hooks.example.com/agentsite")
-    state.claim_step(first.pk, "d1")
+    transitions.claim_step(first.pk, "d1")
 
-    assert state.succeed_step(state.StepRef.load(first.pk), "done", "d1", finishes_run=True)
+    assert transitions.succeed_step(transitions.StepRef.load(first.pk), "done", "d1", finishes_run=True)
 
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
@@ -223,11 +212,10 @@ def test_a_run_with_a_webhook_ends_with_its_delivery_stored():
 
 def test_a_step_stored_from_the_cache_says_so_in_its_row_and_event():
     run, first, _ = chain_of_two()
-    state.claim_step(first.pk, "d1")
-    ref = state.StepRef.load(first.pk)
+    transitions.claim_step(first.pk, "d1")
+    ref = transitions.StepRef.load(first.pk)
 
-    with without_the_orm():
-        assert state.succeed_step(ref, {"answer": 42}, "d1", cached=True)
+    assert transitions.succeed_step(ref, {"answer": 42}, "d1", cached=True)
 
     first.refresh_from_db()
     assert (first.status, first.output, first.cached) == (StepStatus.SUCCEEDED, {"answer": 42}, True)
@@ -236,13 +224,12 @@ def test_a_step_stored_from_the_cache_says_so_in_its_row_and_event():
 
 def test_the_last_step_stored_from_the_cache_ends_the_run_and_says_so():
     run, first, last = chain_of_two()
-    state.claim_step(first.pk, "d1")
-    state.succeed_step(state.StepRef.load(first.pk), "one", "d1")
-    state.claim_step(last.pk, "d2")
-    ref = state.StepRef.load(last.pk)
+    transitions.claim_step(first.pk, "d1")
+    transitions.succeed_step(transitions.StepRef.load(first.pk), "one", "d1")
+    transitions.claim_step(last.pk, "d2")
+    ref = transitions.StepRef.load(last.pk)
 
-    with without_the_orm():
-        assert state.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True, cached=True)
+    assert transitions.succeed_step(ref, {"reply": "hello"}, "d2", finishes_run=True, cached=True)
 
     first.refresh_from_db()
     last.refresh_from_db()
@@ -255,11 +242,11 @@ def test_the_last_step_stored_from_the_cache_ends_the_run_and_says_so():
     ]
 
 
-def test_a_run_with_a_webhook_stores_a_cached_step_the_general_way_alike():
+def test_a_run_with_a_webhook_stores_a_cached_step_alike():
     run, first, _ = chain_of_two(webhook_url="https://hooks.example.com/agentsite")
-    state.claim_step(first.pk, "d1")
+    transitions.claim_step(first.pk, "d1")
 
-    assert state.succeed_step(state.StepRef.load(first.pk), "done", "d1", finishes_run=True, cached=True)
+    assert transitions.succeed_step(transitions.StepRef.load(first.pk), "done", "d1", finishes_run=True, cached=True)
 
     first.refresh_from_db()
     assert first.cached is True
@@ -268,22 +255,22 @@ def test_a_run_with_a_webhook_stores_a_cached_step_the_general_way_alike():
 
 @pytest.mark.parametrize("conversation", [True, False], ids=["of a conversation", "on its own"])
 def test_a_claimed_step_is_its_row_as_the_orm_reads_it(conversation):
-    """Every field of the step the fast claim builds, and all the task reads off it, without a query."""
+    """Every field of the claimed step, and all the task reads off it, without a query."""
     _, first, _ = chain_of_two(**({} if conversation else {"conversation": None}))
-    claim = state.claim_step(first.pk, "delivery-1")
+    claim = transitions.claim_step(first.pk, "delivery-1")
     stored = Step.objects.select_related("run__conversation").get(pk=first.pk)
 
     with CaptureQueriesContext(connection) as queries:
         claimed = {field.attname: getattr(claim.step, field.attname) for field in Step._meta.concrete_fields}
-        context = tasks._context(claim.step)
-        ref = state.StepRef.of(claim.step)
+        context = tasks.skill_context(claim.step)
+        ref = transitions.StepRef.of(claim.step)
         run = (claim.step.run.pk, claim.step.run.status, claim.step.run.conversation_id)
 
     assert not queries.captured_queries
     assert run == (stored.run.pk, stored.run.status, stored.run.conversation_id)
     assert claimed == {field.attname: getattr(stored, field.attname) for field in Step._meta.concrete_fields}
-    assert context == replace(tasks._context(stored), started=context.started)
-    assert ref == state.StepRef.of(stored)
+    assert context == replace(tasks.skill_context(stored), started=context.started)
+    assert ref == transitions.StepRef.of(stored)
 
 
 def heard_within(announcements: Any, seconds: float) -> list[bytes]:
@@ -303,36 +290,13 @@ def test_a_transition_announces_its_last_event_once(django_capture_on_commit_cal
     time.sleep(events.WATCH_GRACE)  # by now every process's copy of the watched runs has this one
     try:
         with django_capture_on_commit_callbacks(execute=True):
-            state.claim_step(first.pk, "delivery-1")  # run.running and step.running
+            transitions.claim_step(first.pk, "delivery-1")  # run.running and step.running
         heard = heard_within(announcements, seconds=1.0)
     finally:
         announcements.close()
         events._unwatch(watch)
 
     assert heard == [b"2"]
-
-
-@pytest.mark.skipif(connection.vendor != "sqlite", reason="PostgreSQL claims in one statement")
-def test_a_claim_changes_nothing_if_another_claimed_the_step_after_it_was_read():
-    """SQLite reads the step before taking the write lock; under the lock it finds another delivery holds it."""
-    run, first, _ = chain_of_two()
-    others: list[state.Claim] = []
-    asked: list[bool] = []
-
-    def another_claims_first(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if sql == state_sqlite._RUN_STATE and not asked:  # the lock is taken: the read is done
-            asked.append(True)
-            others.append(state.claim_step(first.pk, "other"))
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(another_claims_first):
-        claim = state.claim_step(first.pk, "late")
-
-    assert [other.outcome for other in others] == [state.ClaimOutcome.RUN]
-    assert claim.outcome is state.ClaimOutcome.DUPLICATE
-    first.refresh_from_db()
-    assert (first.delivery, first.attempts) == ("other", 1)
-    assert [type for _, type, *_ in events_of(run)] == ["run.running", "step.running"]
 
 
 def cancelled_meanwhile(run: Run, transition: Any) -> list[Any]:
@@ -377,14 +341,9 @@ def cancelled_meanwhile(run: Run, transition: Any) -> list[Any]:
 def test_a_step_transition_locks_its_run_before_the_step(held):
     """As whatever ends a run does (its row, then its steps): the other order deadlocked with it.
 
-    The step is claimed (or, ``held``, its output stored) in one statement
-    while a cancel holds the run; the transition then finds the run ended
-    and leaves it to the general way.
+    The step is claimed (or, ``held``, its output stored) while a cancel holds
+    the run; the transition then finds the run ended and changes nothing.
     """
-    from django.utils import timezone
-
-    from orchestration import state_pg
-
     run, first, _ = chain_of_two()
     if held:
         Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
@@ -392,10 +351,10 @@ def test_a_step_transition_locks_its_run_before_the_step(held):
 
     def transition() -> Any:
         if held:
-            return state_pg.store(first.pk, run.pk, {"x": 1}, "d", timezone.now(), finishes_run=False)
-        return state_pg.claim(first.pk, "d", timezone.now())
+            return transitions.succeed_step(transitions.StepRef.load(first.pk), {"x": 1}, "d")
+        return transitions.claim_step(first.pk, "d").outcome
 
-    assert cancelled_meanwhile(run, transition) == [None]
+    assert cancelled_meanwhile(run, transition) == [False if held else transitions.ClaimOutcome.RUN_ENDED]
     assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.CANCELLED}
 
 
@@ -408,17 +367,47 @@ def test_a_transition_through_the_orm_locks_its_run_before_the_step_too(name):
     Step.objects.filter(pk=first.pk).update(status=StepStatus.RUNNING, delivery="d")
     Run.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
     first.refresh_from_db()
-    ref = state.StepRef.of(first)
-    transitions = {
-        "retry": lambda: state.retry_step(ref, "boom", countdown=1.0),
-        "skip": lambda: state.skip_step(ref, "boom", "d"),
-        "fail": lambda: state.fail_step(first.pk, "boom"),
-        "wait": lambda: state.wait_step(ref, "d", {"prompt": "?", "timeout": 60}),
-        "release": lambda: state.release_lost_step(first.pk, "d"),
+    ref = transitions.StepRef.of(first)
+    attempts = {
+        "retry": lambda: transitions.retry_step(ref, "boom", countdown=1.0),
+        "skip": lambda: transitions.skip_step(ref, "boom", "d"),
+        "fail": lambda: transitions.fail_step(first.pk, "boom"),
+        "wait": lambda: transitions.wait_step(ref, "d", {"prompt": "?", "timeout": 60}),
+        "release": lambda: transitions.release_lost_step(first.pk, "d"),
     }
 
-    outcome = cancelled_meanwhile(run, transitions[name])
+    outcome = cancelled_meanwhile(run, attempts[name])
 
     assert outcome in ([None], [False])  # it found the step cancelled, and changed nothing
     assert set(Step.objects.filter(run=run).values_list("status", flat=True)) == {StepStatus.CANCELLED}
     assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
+
+
+def test_a_run_goes_in_with_its_steps_and_first_event_in_one_transaction(user, django_assert_num_queries):
+    conversation = ConversationFactory.create(owner=user)
+    new = services.prepare_run(owner=user, conversation=conversation, spec={"chain": [{"skill": "echo"}] * 3})
+
+    with CaptureQueriesContext(connection) as queries:
+        run = services.insert_run(new)
+
+    inserts = [sql.split(" (")[0] for sql in statements(queries)]
+    tables = [Run._meta.db_table, Step._meta.db_table, RunEvent._meta.db_table]
+    assert inserts == [f"INSERT INTO {connection.ops.quote_name(t)}" for t in tables]
+    assert list(run.events.values_list("seq", "type", "data")) == [(1, "run.queued", {"steps": 3})]
+    assert Run.objects.get(pk=run.pk).last_event_seq == 1
+    assert [(step.pk, step.run_id) for step in new.steps] == list(run.steps.order_by("id").values_list("pk", "run_id"))
+
+
+def test_a_held_run_goes_in_with_its_enqueued_event_and_its_predecessor_told(user):
+    ahead = RunFactory.create(owner=user)
+    new = services.prepare_run(owner=user, conversation=ahead.conversation, spec={"skill": "echo"})
+
+    held = services.insert_run(new, waiting_for=ahead.pk)
+
+    held.refresh_from_db()
+    assert (held.status, held.waiting_for_id, held.last_event_seq) == (RunStatus.QUEUED, ahead.pk, 2)
+    assert [(seq, type, data) for seq, type, _, data in events_of(held)] == [
+        (1, "run.queued", {"steps": 1}),
+        (2, "run.enqueued", {"waiting_for": ahead.pk}),
+    ]
+    assert Run.objects.get(pk=ahead.pk).followed is True

@@ -1,17 +1,8 @@
-"""A django-celery-results backend whose chord fan-in counts each task once.
+"""A django-celery-results backend whose chord fan-in counts each header task once.
 
-django-celery-results decrements a counter each time a header task reports.
-A header task that runs twice (a redelivery after a lost worker, or a step
-that replays its stored output) decrements it twice, so the counter reaches
-zero early and the chord body never runs (django-celery-results #177, PR
-#397). Here the counter row is only a token: a report that finds every
-header result ready deletes it, and the one whose delete removed the row
-fires the body, so a late or repeated report finds no row and does nothing.
-A report that finds the header not yet complete leaves the row alone.
-
-It also survives a database outage: a result it cannot store is logged and
-dropped (see ``_store_result``), and it stores a canvas task's success only
-where a chord reads it (see ``mark_as_done``).
+The counter row is only a token: the report whose delete removed it fires the body.
+A result the database refuses is logged and dropped. See docs/design.md, "Changes
+from the shared contract" (Chord-safe result backend), and docs/operations.md, "Queues".
 """
 
 from __future__ import annotations
@@ -28,42 +19,34 @@ from django.db import InterfaceError, OperationalError, connections, router
 from django_celery_results.backends.database import DatabaseBackend, trigger_callback
 from django_celery_results.models import ChordCounter, TaskResult  # type: ignore[attr-defined]
 
+from .canvas import COLLECT_TASK, FINISH_TASK, PASS_ON_TASK, STEP_TASK
+from .models import StoredTaskResult
+
 log = logging.getLogger(__name__)
 
 
 # The tasks of a run's canvas: each step's outcome is in our own tables.
-CANVAS_TASKS = frozenset({"agentsite.run_step", "agentsite.finish_run", "agentsite.collect", "agentsite.pass_on"})
+CANVAS_TASKS = frozenset({STEP_TASK, FINISH_TASK, COLLECT_TASK, PASS_ON_TASK})
 
 
 class ChordSafeDatabaseBackend(DatabaseBackend):
-    @property
-    def TaskModel(self) -> type:
-        """The model DatabaseBackend stores results with: ours upserts (orchestration.models)."""
-        from orchestration.models import StoredTaskResult  # the app registry is ready by then
-
-        return StoredTaskResult
+    TaskModel = StoredTaskResult  # stored by upsert (orchestration.models)
 
     def mark_as_done(
         self, task_id: str, result: Any, request: Any = None, store_result: bool = True, state: str = states.SUCCESS
     ) -> None:
-        """Record a success; a canvas task's result row only when a chord waits for it.
+        """Record a success; a canvas task's result row only when a chord joins it (a header member).
 
-        Only a chord reads a canvas task's result (its header members', when
-        it joins them); the step's output is in its Step row. Skipping the
-        others' rows saves a write per task (measured in
-        docs/performance.md). Failures and other tasks are stored as before.
+        A step's output is in its Step row; failures, and tasks outside a run's canvas, are always stored.
         """
         if request is not None and getattr(request, "task", None) in CANVAS_TASKS and not request.chord:
             store_result = False
         super().mark_as_done(task_id, result, request, store_result, state)
 
     def _store_result(self, task_id: str, result: Any, status: str, *args: Any, **kwargs: Any) -> Any:
-        """Store a task result; while the database is down, log and drop it.
+        """Store a task result; while the database is down, log and drop it (never raise).
 
-        The worker's main process stores results too (an expired or revoked
-        task, a hard time limit); an exception there stops the worker for
-        good. Our own tables say what happened to a step, and the sweeper
-        resumes runs left behind, so a lost result row is only a lost row.
+        An exception in the worker's main process would stop the worker; the steps' state is in our own tables.
         """
         try:
             return super()._store_result(task_id, result, status, *args, **kwargs)
@@ -99,12 +82,9 @@ class ChordSafeDatabaseBackend(DatabaseBackend):
 
 
 def fire_body(app: Any, callback: Any, group_result: GroupResult) -> None:
-    """Send the chord's body its header's results, in order: trigger_callback, in one query.
+    """Send the chord's body its header's results, in order, read in one query; every member succeeded.
 
-    django-celery-results' trigger_callback joins the header, which reads
-    each member's result with a query of its own. Every member succeeded
-    here; a header with a group in it (its result is a nested list) is left
-    to trigger_callback.
+    A header with a group in it (its result is a nested list) is left to django-celery-results' trigger_callback.
     """
     members = group_result.results or []
     if any(isinstance(member, GroupResult) for member in members):
@@ -138,9 +118,7 @@ HEADERS_KEPT = 1024
 def _header_ids(group_id: str, app: Any) -> list[str] | None:
     """The chord's header task ids; None if it has no counter (not our chord, or its body was fired).
 
-    A chord's header never changes (a canvas published again has new group
-    ids), so each process reads it once per chord: its other members here
-    cost one query each (``_states``). A missing counter is not remembered.
+    Read once per process and chord (a header never changes); a missing counter is not remembered.
     """
     ids = _headers.get(group_id)
     if ids is None:
@@ -154,10 +132,9 @@ def _header_ids(group_id: str, app: Any) -> list[str] | None:
 
 
 def _take_counter(group_id: str, app: Any) -> GroupResult | None:
-    """Delete the chord's counter: its header if this call deleted it, else None (another report did).
+    """Delete the chord's counter in one statement: its header if this call deleted it, else None.
 
-    One statement: of reports that all saw the header ready at once, the
-    database lets one delete the row, and that one fires the body.
+    Of reports that all saw the header ready at once, only one deletes the row; that one fires the body.
     """
     rows = _query(f"DELETE FROM {_COUNTERS} WHERE group_id = %s RETURNING sub_tasks", [group_id])
     return _group_result(group_id, rows[0][0], app) if rows else None
@@ -185,8 +162,7 @@ def _states(task_ids: list[str]) -> dict[str, str]:
     return {task_id: stored.get(task_id, states.PENDING) for task_id in task_ids}
 
 
-# The chord's reads and writes are SQL of our own: through the ORM, building
-# each query cost twice what running it did (docs/performance.md).
+# The chord's reads and writes are SQL of our own (docs/performance.md, "A chord member's report, in SQL of its own").
 _COUNTERS = ChordCounter._meta.db_table
 _RESULTS = TaskResult._meta.db_table
 

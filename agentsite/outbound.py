@@ -1,24 +1,8 @@
 """Outbound HTTP that cannot be pointed at the service's own network (SSRF).
 
-Skills fetch URLs with ``fetch``; webhooks POST with ``post``. Every URL,
-the first one and each redirect's, passes the same checks:
-
-- only http and https, and no credentials in the URL;
-- its host is resolved once, and every address it resolves to must be public
-  (``is_public``: not loopback, private, link-local, shared, multicast or
-  reserved, nor an IPv6 address that embeds such an IPv4 one), unless
-  OUTBOUND_ALLOW_PRIVATE says otherwise (development, tests). A numeric host
-  in any notation the C library reads (``2130706433``, ``0x7f000001``,
-  ``127.1``) is the address it denotes;
-- the request connects to the address that was checked, so a DNS answer
-  that changes in between (rebinding) cannot redirect it; the URL's host is
-  still sent as Host and as the TLS server name, so certificates are
-  verified as usual.
-
-``fetch`` follows at most OUTBOUND_MAX_REDIRECTS redirects (and drops
-credential headers when one leaves the origin); ``post`` follows none. The
-whole exchange, redirects included, has one time budget, and a response body
-has a size cap: ``fetch`` fails past it, ``post`` keeps the start of it.
+Skills fetch URLs with ``fetch``; webhooks POST with ``post``. Every URL, each redirect's too, must be
+http or https without credentials and resolve to public addresses only, and the request goes to the
+address checked; time and body size are capped (docs/operations.md, "Outbound calls").
 """
 
 from __future__ import annotations
@@ -96,15 +80,9 @@ def fetch(
     max_redirects: int | None = None,
     truncate: bool = False,
 ) -> httpx.Response:
-    """GET ``url``, following redirects that pass the same checks; the response, read in full.
+    """GET ``url`` and the redirects that pass the same checks, all within ``timeout``; the response (any status), read.
 
-    ``timeout`` is for the whole exchange, redirects included; the defaults
-    are OUTBOUND_TIMEOUT, OUTBOUND_MAX_BYTES and OUTBOUND_MAX_REDIRECTS. Any
-    status is returned (``raise_for_status`` is the caller's). With
-    ``truncate`` a body past ``max_bytes`` is cut there instead of failing.
-    Raises UnsafeURL, TooManyRedirects, ResponseTooLarge or DeadlineExceeded (all
-    OutboundError), or httpx.HTTPError when the call fails (connect,
-    protocol, one read or write over the time left).
+    Unset limits are OUTBOUND_*'s; ``truncate`` cuts a body past ``max_bytes``. Raises OutboundError or httpx.HTTPError.
     """
     limit = settings.OUTBOUND_MAX_BYTES if max_bytes is None else max_bytes
     redirects = settings.OUTBOUND_MAX_REDIRECTS if max_redirects is None else max_redirects
@@ -125,11 +103,9 @@ def fetch(
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Reply:
-    """POST ``body`` to ``url`` at an address ``check_url`` allowed; redirects are not followed.
+    """POST ``body`` to ``url`` at an address ``check_url`` allowed, no redirects; the first RESPONSE_LIMIT bytes.
 
-    The reply keeps the first RESPONSE_LIMIT bytes of the response. Raises
-    UnsafeURL or DeadlineExceeded (OutboundError), or httpx.HTTPError when
-    the call fails (connect, timeout, protocol).
+    Raises UnsafeURL or DeadlineExceeded (OutboundError), or httpx.HTTPError when the call fails.
     """
     with _client() as client:
         response = _exchange(client, "POST", _parse(url), body, headers, _deadline(timeout), RESPONSE_LIMIT, cut=True)

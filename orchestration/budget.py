@@ -1,26 +1,8 @@
-"""A run's deadline as the time budget of its steps.
+"""A run's deadline as the time budget of its steps (docs/spec.md, "Time limits and ttl").
 
-Every step message carries its run's deadline (run_step's ``deadline``
-kwarg, ``{"at": Unix seconds, "seconds": the run's allowance}``, set by the
-canvas builder). Two places spend it:
-
-- When a step's message is published (``cap_step_message``; a chain
-  publishes each next step when the one before ends, so that is when the
-  step starts), its soft limit is capped by what remains of the run's
-  deadline, its hard limit by that plus ``HARD_GRACE``, and its queue TTL
-  (``expires``) by the deadline itself. A retry's remaining time counts from
-  its eta.
-- When the step starts (``StepBudget``, in run_step before the skill is
-  called): with no time left it fails at once as ``timed_out`` and its skill
-  is not called. With less left than the soft limit it was published with
-  (it waited in a queue, e.g. a group member behind busy workers), the
-  smaller soft limit is enforced in the process: SoftTimeLimitExceeded is
-  raised into the skill, as Celery's own soft limit would be, so the step's
-  retry / optional / timed_out handling applies.
-
-A step stopped by the budget reports it (``no time left of the run's 3s
-deadline``, ``timed out after 1s: the run's 3s deadline was reached``). A
-message without the kwarg (published before runs carried it) is not capped.
+Every step message carries its run's deadline (run_step's ``deadline`` kwarg).
+At publish its limits and expiry are capped by what remains (``cap_step_message``);
+at start a step with less left than its soft limit gets a timer (``StepBudget``).
 """
 
 from __future__ import annotations
@@ -35,16 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import before_task_publish, task_prerun
 
-from orchestration import state
-from orchestration.models import StepStatus
+from .canvas import STEP_TASK
 
-STEP_TASK = "agentsite.run_step"
 KWARG = "deadline"
-# Seconds between a budget-capped soft limit and the hard one: the step stops
-# its skill and stores its outcome meanwhile. Celery's pool checks limits once
-# a second, so less than that could kill the step at the soft limit's check.
+# Seconds between a budget-capped soft limit and the hard one: Celery's pool checks limits once a second.
 HARD_GRACE = 2.0
 # Celery and billiard read a limit of 0 as "no limit": a spent budget publishes this instead
 # (the message expires at the deadline anyway).
@@ -97,7 +74,6 @@ class Deadline:
 # --- At publish -------------------------------------------------------------------
 
 
-@before_task_publish.connect
 def cap_step_message(
     sender: str | None = None, headers: dict[str, Any] | None = None, body: Any = None, **_: Any
 ) -> None:
@@ -150,27 +126,17 @@ class StepBudget:
         soft = timelimit[1] if isinstance(timelimit, list | tuple) and len(timelimit) == 2 else None
         return cls(deadline, None if deadline is None else deadline.left(), soft or None)
 
-    def fail_if_spent(self, step_id: int) -> bool:
-        """True if no time is left: then the step has failed as timed_out, and its run with it."""
+    def spent_error(self) -> str | None:
+        """Why the step may not start (no time is left of its run's deadline); None if it may."""
         if self.deadline is None or self.left is None or self.left > 0:
-            return False
-        state.fail_step(step_id, self.deadline.spent_error(), StepStatus.TIMED_OUT)
-        return True
+            return None
+        return self.deadline.spent_error()
 
     @contextmanager
     def enforced(self) -> Iterator[None]:
-        """Run the skill within what is left; a soft timeout due to the budget says so.
-
-        Celery's pool stops the skill at the soft limit the message was
-        published with, checking once a second; when less is left now (the
-        step waited in a queue, or only since its publish) a timer here
-        raises DeadlineReached (a SoftTimeLimitExceeded) into the skill at
-        the deadline itself. While that timer is armed, the pool's own soft
-        limit signal for this message is ignored, until the next task starts
-        (``_restore_pool_soft_limit``): the timer's limit is the same or
-        shorter, and a second soft timeout a moment after the first would
-        land in the skill's or the failure's handling of the first, not in
-        the skill.
+        """Run the skill within what is left: with less left than the message's soft limit, a timer raises
+        DeadlineReached (a SoftTimeLimitExceeded) at the deadline, and the pool's own soft limit signal
+        is ignored until the next task starts (``restore_pool_soft_limit``).
         """
         if self.deadline is None or self.left is None or not self._is_shorter():
             yield
@@ -179,12 +145,8 @@ class StepBudget:
             yield
 
     def _is_shorter(self) -> bool:
-        """Less is left than the soft limit the pool enforces for this message.
-
-        Or as much, within ``capped_headers``' rounding: the deadline set that
-        limit, and a step started within milliseconds of its publish may find
-        a little more left than the rounded limit. The timer here then cuts
-        it, so its error names the deadline.
+        """Whether less is left than the soft limit the pool enforces for this message, or as much within
+        CAP_ROUNDING: then the timer cuts the step, and its error names the deadline.
         """
         assert self.left is not None
         return self.published_soft is None or self.left < self.published_soft + CAP_ROUNDING
@@ -230,14 +192,8 @@ def _timer(seconds: float, deadline: Deadline) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@task_prerun.connect
-def _restore_pool_soft_limit(**_: Any) -> None:
-    """The next task gets the pool's soft limit back.
-
-    Not as the step's task ends: the pool may signal the step's soft limit
-    until the worker's main process has its result, and that signal would
-    then land in whatever this process does next.
-    """
+def restore_pool_soft_limit(**_: Any) -> None:
+    """The next task gets the pool's soft limit back (at its start, not as the step's task ends)."""
     if _PoolSoftLimit.handler is not None:
         signal.signal(POOL_SOFT_SIGNAL, _PoolSoftLimit.handler)
         _PoolSoftLimit.handler = None
