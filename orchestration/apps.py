@@ -13,6 +13,7 @@ class OrchestrationConfig(AppConfig):
     name = "orchestration"
 
     def ready(self) -> None:
+        # Not at the top: these import the models, which are loaded after this module.
         from . import broker, budget, double_texting, saga, transitions, webhooks, worker
 
         # What follows a run's end, in the transaction that ended it.

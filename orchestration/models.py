@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, models
+from django.db import DEFAULT_DB_ALIAS, connection, models
 from django.utils import timezone
 from django_celery_results.managers import TaskResultManager
 from django_celery_results.models import TaskResult
@@ -254,7 +255,7 @@ class Step(models.Model):
         null=True,
         blank=True,
         help_text="What its skill asked to wait for (prompt, timeout_at, default): the step waits while it is "
-        "running with this set, and succeeds with the payload it is resumed with (orchestration/transitions.py).",
+        "running with this set, and succeeds with the payload it is resumed with.",
     )
     # No index: read with its run's steps only.
     compensates = models.ForeignKey(
@@ -414,11 +415,42 @@ class UpsertTaskResultManager(TaskResultManager):
         values = {"content_type": content_type, "content_encoding": content_encoding, "result": result}
         values |= {"status": status, **{name: fields.get(name) for name in UPSERT_FIELDS}}
         row = self.model(task_id=task_id, **values)
-        self.bulk_create([row], update_conflicts=True, unique_fields=["task_id"], update_fields=[*values, "date_done"])
+        with connection.cursor() as cursor:
+            cursor.execute(_upsert_sql(), [saved_value(row, field) for field in inserted_fields(TaskResult)])
         return row
 
 
 UPSERT_FIELDS = ("traceback", "meta", "periodic_task_name", "task_name", "task_args", "task_kwargs", "worker")
+
+
+@cache
+def _upsert_sql() -> str:
+    """The INSERT of a TaskResult that updates the row of its task id, if there is one (PostgreSQL and SQLite)."""
+    quote = connection.ops.quote_name
+    columns = [quote(column_of(field)) for field in inserted_fields(TaskResult)]
+    updated = [quote(column_of(TaskResult._meta.get_field(name))) for name in (*UPSERT_FIELDS, *_UPDATED)]
+    values = ", ".join(["%s"] * len(columns))
+    return (
+        f"INSERT INTO {quote(TaskResult._meta.db_table)} ({', '.join(columns)}) VALUES ({values})"
+        f" ON CONFLICT ({quote('task_id')}) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in updated)}"
+    )
+
+
+_UPDATED = ("content_type", "content_encoding", "result", "status", "date_done")
+
+
+def inserted_fields(model: type[models.Model]) -> list[models.Field[Any, Any]]:
+    """The columns an INSERT of ``model`` writes: all but the primary key (the database's)."""
+    return [field for field in model._meta.concrete_fields if not field.primary_key]
+
+
+def column_of(field: Any) -> str:
+    return str(field.column)
+
+
+def saved_value(instance: models.Model, field: models.Field[Any, Any]) -> Any:
+    """What a save writes to ``field``'s column (its default or auto_now value set first), as a query parameter."""
+    return field.get_db_prep_save(field.pre_save(instance, add=True), connection)
 
 
 class StoredTaskResult(TaskResult):

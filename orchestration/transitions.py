@@ -182,18 +182,23 @@ def insert_run(run: Run, steps: list[Step], waiting_for: int | None = None) -> N
     if waiting_for is not None:
         queued.append(RunEvent(seq=2, type="run.enqueued", data={"waiting_for": waiting_for}))
     run.waiting_for_id, run.last_event_seq = waiting_for, len(queued)
+    if connection.vendor == "postgresql" and waiting_for is None:
+        transitions_pg.insert_run(run, steps, queued)  # the common case, in one statement
+    else:
+        _insert_run(run, steps, queued, waiting_for)
+    _announce(run.pk, run.last_event_seq)
+    metrics.run_started(run.workflow.name if run.workflow else None)
+
+
+def _insert_run(run: Run, steps: list[Step], events: list[RunEvent], waiting_for: int | None) -> None:
     with transaction.atomic(savepoint=False):
         run.save(force_insert=True)
         if waiting_for is not None:
             Run.objects.filter(pk=waiting_for).update(followed=True)
-        for step in steps:
-            step.run = run
-        for event in queued:
-            event.run = run
+        for row in [*steps, *events]:
+            row.run = run  # type: ignore[attr-defined]
         Step.objects.bulk_create(steps)
-        RunEvent.objects.bulk_create(queued)
-    _announce(run.pk, run.last_event_seq)
-    metrics.run_started(run.workflow.name if run.workflow else None)
+        RunEvent.objects.bulk_create(events)
 
 
 # --- A step's claim ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PostgreSQL: a step's claim and the store of its output, each as one statement (docs/performance.md).
+"""PostgreSQL: a run's creation, a step's claim and the store of its output, each one statement (docs/performance.md).
 
 Only for speed: ``orchestration.transitions`` is the definition and calls these first on PostgreSQL;
 each returns None, changing nothing, where it does not apply. tests/test_transitions_pg.py compares the two.
@@ -7,12 +7,14 @@ each returns None, changing nothing, where it does not apply. tests/test_transit
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, models
+from psycopg.types.json import Jsonb
 
 from .models import (
     ACTIVE_RUN_STATUSES,
@@ -25,6 +27,9 @@ from .models import (
     Step,
     StepStatus,
     Workflow,
+    column_of,
+    inserted_fields,
+    saved_value,
 )
 
 
@@ -226,3 +231,66 @@ def _from_db(model: type[models.Model], names: list[str], values: Any) -> Any:
         for field, value in zip(fields, values, strict=True)
     ]
     return model.from_db(DEFAULT_DB_ALIAS, names, converted)
+
+
+# --- A run's creation ---------------------------------------------------------------
+
+_RUN_FIELDS = inserted_fields(Run)
+_CHILD_FIELDS: dict[type[models.Model], list[models.Field[Any, Any]]] = {
+    Step: inserted_fields(Step),
+    RunEvent: inserted_fields(RunEvent),
+}
+
+
+def _child_insert(model: type[models.Model], rows: str) -> str:
+    """INSERT of ``model``'s rows given as one JSON parameter, their ``run_id`` the new run's."""
+    fields = _CHILD_FIELDS[model]
+    names = ", ".join(column_of(field) for field in fields)
+    values = ", ".join("(SELECT id FROM run_)" if field.attname == "run_id" else column_of(field) for field in fields)
+    records = f"jsonb_populate_recordset(NULL::{_table(model)}, {rows}::jsonb)"
+    return f"INSERT INTO {_table(model)} ({names}) SELECT {values} FROM {records}"
+
+
+# transitions.insert_run for a run not held behind another: the run, its steps and first events.
+INSERT_RUN = f"""
+WITH run_ AS (
+    INSERT INTO {RUN} ({", ".join(column_of(field) for field in _RUN_FIELDS)})
+    VALUES ({", ".join(f"%(run_{field.attname})s" for field in _RUN_FIELDS)})
+    RETURNING id
+),
+steps_ AS ({_child_insert(Step, "%(steps)s")} RETURNING id),
+events_ AS ({_child_insert(RunEvent, "%(events)s")})
+SELECT (SELECT id FROM run_), ARRAY(SELECT id FROM steps_ ORDER BY id)
+"""
+
+
+def insert_run(run: Run, steps: list[Step], events: list[RunEvent]) -> None:
+    """Insert a new run, its steps and its events in one statement; each row gets its id, as a save gives it."""
+    params = {f"run_{field.attname}": saved_value(run, field) for field in _RUN_FIELDS}
+    params["steps"] = _json_rows(steps)
+    params["events"] = _json_rows(events)
+    row = _one(INSERT_RUN, params)
+    assert row is not None
+    run_id, step_ids = row
+    for instance, pk in [(run, run_id), *zip(steps, step_ids, strict=True)]:
+        instance.pk = pk
+        instance._state.adding, instance._state.db = False, DEFAULT_DB_ALIAS
+    for child in [*steps, *events]:
+        child.run = run  # type: ignore[attr-defined]
+
+
+def _json_rows(rows: list[Any]) -> str:
+    """The rows' columns (but run_id, which the statement sets) as one JSON text for jsonb_populate_recordset."""
+    fields = [field for field in _CHILD_FIELDS[type(rows[0])] if field.attname != "run_id"]
+    return json.dumps([{column_of(field): _json_value(saved_value(row, field)) for field in fields} for row in rows])
+
+
+def _json_value(value: Any) -> Any:
+    """A column's saved value as JSON that PostgreSQL reads back as that value."""
+    if isinstance(value, Jsonb):
+        return value.obj
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value

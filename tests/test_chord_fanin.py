@@ -26,7 +26,7 @@ from django_celery_results.models import ChordCounter, TaskResult  # type: ignor
 from agentsite.celery import app
 from orchestration import canvas
 from orchestration.broker import DELIVERY_HEADER
-from orchestration.models import Run, Step
+from orchestration.models import Run, Step, StoredTaskResult
 from orchestration.results import ChordSafeDatabaseBackend, fire_body
 from orchestration.services import start_run
 from orchestration.spec import plan
@@ -368,3 +368,32 @@ def test_a_result_stored_twice_is_one_row_with_the_latest_outcome():
     assert (row.status, json.loads(row.result), row.traceback) == (states.SUCCESS, {"answer": 42}, None)
     assert times.get()[0] == created
     assert times.get()[1] >= first_done
+
+
+@pytest.mark.django_db
+def test_the_upsert_stores_what_django_celery_results_stores():
+    """StoredTaskResult's one statement and the library's SELECT then INSERT or UPDATE leave the same rows."""
+    first: dict[str, Any] = {
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "result": '{"answer": 42}',
+        "status": states.RETRY,
+        "traceback": "first try failed",
+        "meta": '{"children": []}',
+        "task_name": "agentsite.run_step",
+        "task_args": "()",
+        "task_kwargs": "{}",
+        "worker": "worker@host",
+    }
+    second = {**first, "status": states.SUCCESS, "result": '"done"', "traceback": None}
+    for manager, task_id in ((StoredTaskResult.objects, "upserted"), (TaskResult.objects, "by-the-library")):
+        manager.store_result(task_id=task_id, **first)
+        manager.store_result(task_id=task_id, **second)
+
+    differ = {"id", "task_id", "date_created", "date_done", "date_started"}
+    upserted, by_the_library = (
+        {k: v for k, v in TaskResult.objects.filter(task_id=task_id).values().get().items() if k not in differ}
+        for task_id in ("upserted", "by-the-library")
+    )
+    assert upserted == by_the_library
+    assert upserted["status"] == states.SUCCESS

@@ -178,5 +178,5 @@ def test_starting_a_run_sets_no_savepoint(api, user, worker):
     assert any("orchestration_step" in sql for sql in inserts)
     assert not [sql for sql in statements if "SAVEPOINT" in sql.upper()]
     if connection.vendor == "postgresql":  # the run, its steps and its first event: one WITH
-        assert [sql.split(" (")[0] for sql in inserts] == ["WITH parent AS"]
+        assert [sql.strip().split(" (")[0] for sql in inserts] == ["WITH run_ AS"]
     assert wait_for_run(Run.objects.get(pk=response.json()["id"])).status == RunStatus.SUCCEEDED

@@ -15,7 +15,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import transitions, transitions_pg
+from orchestration import services, transitions, transitions_pg
 from orchestration.models import Message, Run, RunEvent, Step, StepStatus
 
 from .factories import RunFactory, StepFactory
@@ -117,3 +117,33 @@ def test_the_statements_name_no_status_but_through_the_models_choices():
     for sql in (transitions_pg.CLAIM, transitions_pg.STORE, transitions_pg.STORE_LAST):
         for status in StepStatus.values:
             assert f"'{status}'" not in sql
+
+
+def test_a_runs_creation_stores_what_the_orms_stores(user):
+    """transitions_pg.insert_run and the ORM's inserts leave the same rows (but ids, task ids and times)."""
+    conversation = RunFactory.create(owner=user).conversation
+    spec = {"chain": [{"skill": "echo", "args": {"x": "é", "n": [1, None]}}, {"skill": "echo", "retries": 2}]}
+    ours, theirs = (
+        services.prepare_run(owner=user, conversation=conversation, spec=spec, input={"q": "hello"}, deadline=60)
+        for _ in range(2)
+    )
+
+    services.insert_run(ours)
+    theirs.run.last_event_seq = 1  # as insert_run sets it, for either way
+    queued = RunEvent(seq=1, type="run.queued", data={"steps": 2})
+    transitions._insert_run(theirs.run, theirs.steps, [queued], None)  # the ORM's way, as on SQLite
+
+    assert row_of(ours.run) == row_of(theirs.run)
+    assert [row_of(step) for step in ours.steps] == [row_of(step) for step in theirs.steps]
+    assert events_of(ours.run) == events_of(theirs.run) == [(1, "run.queued", {"steps": 2})]
+
+
+def row_of(instance: Any) -> dict[str, Any]:
+    """The instance's stored row but what differs between two inserts (ids, task ids, times)."""
+    differ = {"id", "run", "run_id", "task_id", "created_at", "deadline", "trace_id"}
+    stored = type(instance).objects.filter(pk=instance.pk).values().get()
+    return {name: value for name, value in stored.items() if name not in differ}
+
+
+def events_of(run: Run) -> list[tuple[int, str, Any]]:
+    return list(RunEvent.objects.filter(run=run).order_by("seq").values_list("seq", "type", "data"))

@@ -183,10 +183,12 @@ class ConversationViewSet(
     queryset = Conversation.objects.all()
     serializer_class = ConversationSerializer
 
-    def get_queryset(self) -> QuerySet[Conversation]:
-        """With its owner, who owns the runs it starts (one query fewer per message posted)."""
-        conversations = super().get_queryset()
-        return conversations if self.action == "list" else conversations.select_related("owner")
+    def get_object(self) -> Conversation:
+        """The URL's conversation if the user may see it (else 404), with its owner: who owns the runs it starts."""
+        conversation = cast(Conversation, super().get_object())
+        if conversation.owner_id == self.request.user.pk:
+            conversation.owner = _user(self.request)  # no query for what the request has
+        return conversation
 
     def perform_create(self, serializer: BaseSerializer[Conversation]) -> None:
         serializer.save(owner=self.request.user)
